@@ -1,0 +1,1 @@
+"""edgeproxy: a self-hosted LLM API gateway."""

@@ -1,0 +1,72 @@
+"""The request's journey: stages chained once, outermost first.
+
+    observe → intake → authenticate → police → limit → cache → forward
+
+Each stage is `async (exchange, call_next) -> response`; a stage refuses by raising
+`GatewayError`, which `observe` renders and logs like every other outcome.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Protocol
+
+from aiohttp import web
+
+from .errors import GatewayError
+from .exchange import Capture, Exchange
+from .options import RequestOptions, parse_options
+from .settings import Settings
+from .targets import resolve_route
+
+Handler = Callable[[Exchange], Awaitable[web.StreamResponse]]
+
+
+class Stage(Protocol):
+    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse: ...
+
+
+def chain(stages: Sequence[Stage], last: Handler) -> Handler:
+    """Compose stages around the last handler, once, at startup."""
+    handler = last
+    for stage in reversed(stages):
+        handler = partial(stage, call_next=handler)
+    return handler
+
+
+def gateway_handler(pipeline: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler: one Exchange per request, handed to the pipeline."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await pipeline(Exchange(request, RequestOptions(request_id=str(uuid.uuid4()))))
+
+    return handle
+
+
+class Intake:
+    """Parse headers into options, route to a target, read the body within its size limit."""
+
+    def __init__(self, settings: Settings, capture_limit: int) -> None:
+        self._settings = settings
+        self._capture_limit = capture_limit
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
+        request = ex.request
+        ex.options = parse_options(request.headers, ex.options.request_id)
+        ex.response_headers["Helicone-Id"] = ex.request_id
+        ex.route = resolve_route(self._settings, request.path, ex.options.target_url)
+        limit = self._settings.server.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        try:
+            ex.body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(limit) from None
+        ex.capture = Capture(limit=self._capture_limit)
+        return await call_next(ex)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"Request body exceeds the gateway's limit of {limit} bytes", code="body_too_large")

@@ -1,0 +1,87 @@
+"""SSE relay: each upstream chunk goes to the client as it arrives, then into the bounded capture."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from aiohttp import ClientResponse, web
+
+from .exchange import Exchange
+
+# Raw upstream bytes kept past the capture limit, enough to find the final usage event.
+USAGE_TAIL_BYTES = 16 * 1024
+
+
+class UsageChunkFilter:
+    """Hides the usage-only chunk the gateway asked for, so the client sees what it asked for.
+
+    Works on whole SSE events: bytes of an event split across reads wait for its end, which
+    for real providers (one event per write) adds no delay.
+    """
+
+    __slots__ = ("_pending", "hidden")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.hidden: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._pending = data
+            return b""
+        complete, self._pending = data[: end + 2], data[end + 2 :]
+        if b'"usage"' not in complete:
+            return complete
+        kept = []
+        for event in complete.split(b"\n\n")[:-1]:
+            if b'"choices":[]' in event and b'"usage":{' in event:
+                self.hidden.append(event)
+                continue
+            # OpenAI adds `"usage":null` to every chunk once usage is requested.
+            kept.append(event.replace(b',"usage":null', b""))
+        return b"".join(event + b"\n\n" for event in kept)
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+
+async def relay(ex: Exchange, upstream: ClientResponse, client: web.StreamResponse) -> bytes:
+    """Copy the upstream body to the client chunk by chunk; return the raw tail for usage parsing.
+
+    Backpressure comes from `client.write`, which waits while the client's socket buffer is full.
+    """
+    capture = ex.capture
+    filt = UsageChunkFilter() if ex.hide_usage_chunk else None
+    tail = b""
+    first = True
+    async for chunk in upstream.content.iter_any():
+        if first:
+            first = False
+            ex.upstream_first_byte = time.perf_counter()  # the first body chunk, not the headers
+        if capture.truncated:
+            tail = (tail + chunk)[-USAGE_TAIL_BYTES:]
+        if filt is not None:
+            chunk = filt.feed(chunk)
+            if not chunk:
+                continue
+        await client.write(chunk)
+        if ex.client_first_byte is None:
+            ex.client_first_byte = time.perf_counter()
+        capture.add(chunk)
+    if filt is not None:
+        rest = filt.flush()
+        if rest:
+            await client.write(rest)
+            capture.add(rest)
+        tail += b"".join(event + b"\n\n" for event in filt.hidden)
+    return tail
+
+
+def error_event(message: str, code: str) -> bytes:
+    """A final SSE event in OpenAI's error shape, for a stream that broke after it began."""
+    payload = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    return b"data: " + orjson.dumps(payload) + b"\n\n"

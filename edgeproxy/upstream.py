@@ -1,0 +1,243 @@
+"""Upstream: one keep-alive pool per target, attempts with retries and fallbacks, the relay back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .errors import GatewayError
+from .exchange import Exchange
+from .options import RetryPolicy
+from .settings import Settings, TargetSettings
+from .completion import ask_for_usage, read_usage
+from .streaming import error_event, relay
+from .targets import client_headers, upstream_headers, upstream_url
+
+log = logging.getLogger("edgeproxy.upstream")
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+
+
+class Upstreams:
+    """A pooled aiohttp session per configured target, plus one for allowlisted ad-hoc URLs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def session(self, target: TargetSettings) -> aiohttp.ClientSession:
+        key = target.name if target.name in self._settings.targets else "<ad-hoc>"
+        session = self._sessions.get(key)
+        if session is None or session.closed:
+            pool, timeouts = self._settings.pool, self._settings.timeouts
+            connector = aiohttp.TCPConnector(
+                limit=pool.max_connections,
+                limit_per_host=pool.max_per_host,
+                keepalive_timeout=pool.keepalive_seconds,
+                ttl_dns_cache=300,
+            )
+            timeout = aiohttp.ClientTimeout(
+                total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.idle
+            )
+            session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
+            )
+            self._sessions[key] = session
+        return session
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+def backoff_seconds(policy: RetryPolicy, attempt: int, retry_after: float | None) -> float:
+    """Full-jitter exponential backoff between min and max, never shorter than Retry-After."""
+    ceiling = min(policy.max_timeout_ms, policy.min_timeout_ms * policy.factor**attempt) / 1000.0
+    delay = random.uniform(min(policy.min_timeout_ms / 1000.0, ceiling), ceiling)
+    return max(delay, retry_after or 0.0)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare from LLM providers; fall back to our own backoff
+
+
+class Forwarder:
+    """The last stage: send the request upstream, retrying and falling back, and relay the answer."""
+
+    def __init__(self, settings: Settings, upstreams: Upstreams) -> None:
+        self._settings = settings
+        self._upstreams = upstreams
+
+    async def __call__(self, ex: Exchange) -> web.StreamResponse:
+        ask_for_usage(ex)
+        candidates = self._candidates(ex)
+        policy = ex.options.retry
+        tries = 1 + (policy.retries if policy else 0)
+        deadline = time.monotonic() + self._settings.timeouts.total
+        for index, (target, model) in enumerate(candidates):
+            body = ex.body if model is None else _with_model(ex, model)
+            for attempt in range(tries):
+                last = index == len(candidates) - 1 and attempt == tries - 1
+                ex.attempts += 1
+                ex.answered_by = target.name
+                retry_after: float | None = None
+                try:
+                    response = await self._send(ex, target, body, model or ex.model)
+                except GatewayError as err:
+                    if last:
+                        raise
+                    log.info("attempt %d to %s failed: %s", ex.attempts, target.name, err.message)
+                else:
+                    if last or response.status not in RETRYABLE_STATUS:
+                        return await self._respond(ex, response)
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                    await _discard(response)
+                    log.info("attempt %d to %s answered %d", ex.attempts, target.name, response.status)
+                if attempt == tries - 1:
+                    break  # next candidate, at once: it is another provider
+                assert policy is not None
+                delay = backoff_seconds(policy, attempt, retry_after)
+                if time.monotonic() + delay > deadline:
+                    break
+                await asyncio.sleep(delay)
+        raise GatewayError(502, "No upstream attempt succeeded", type="upstream_error", code="upstream_failed")
+
+    def _candidates(self, ex: Exchange) -> list[tuple[TargetSettings, str | None]]:
+        candidates: list[tuple[TargetSettings, str | None]] = [(ex.route.target, None)]
+        for fallback in ex.options.fallbacks:
+            target = self._settings.targets.get(fallback.target)
+            if target is None:
+                raise GatewayError(
+                    400, f"Helicone-Fallbacks names unknown target {fallback.target!r}", param="Helicone-Fallbacks"
+                )
+            candidates.append((target, fallback.model))
+        return candidates
+
+    async def _send(
+        self, ex: Exchange, target: TargetSettings, body: bytes, model: str
+    ) -> aiohttp.ClientResponse:
+        request = ex.request
+        url = upstream_url(target, ex.route.path, request.query_string, model)
+        headers = upstream_headers(target, request.headers)
+        session = self._upstreams.session(target)
+        ex.upstream_sent = time.perf_counter()
+        first_byte = self._settings.timeouts.first_byte
+        try:
+            async with asyncio.timeout(first_byte):
+                response = await session.request(
+                    request.method, url, data=body or None, headers=headers, allow_redirects=False
+                )
+        except TimeoutError:
+            raise GatewayError(
+                504,
+                f"Upstream {target.name} sent no response within {first_byte:g}s",
+                type="upstream_error",
+                code="upstream_timeout",
+            ) from None
+        except _CONNECTION_ERRORS as exc:
+            raise GatewayError(
+                502,
+                f"Upstream {target.name} unreachable: {type(exc).__name__}",
+                type="upstream_error",
+                code="upstream_unreachable",
+            ) from None
+        ex.upstream_first_byte = time.perf_counter()
+        return response
+
+    async def _respond(self, ex: Exchange, response: aiohttp.ClientResponse) -> web.StreamResponse:
+        ex.status = response.status
+        headers = client_headers(response.headers)
+        headers.update(ex.response_headers)
+        try:
+            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await self._relay_stream(ex, response, headers)
+            try:
+                body = await response.read()
+            except (TimeoutError, *_CONNECTION_ERRORS) as exc:
+                raise GatewayError(
+                    502, f"Upstream response broke off: {type(exc).__name__}", type="upstream_error"
+                ) from None
+            ex.upstream_done = time.perf_counter()
+            ex.capture.add(body)
+            ex.usage = read_usage(ex, body)
+            if ex.status >= 400:
+                ex.outcome = "upstream_error"
+            return await self._send_whole(ex, web.Response(status=response.status, body=body, headers=headers))
+        finally:
+            # A body not read to the end closes the connection instead of pooling it (no stale reply
+            # can reach the next request), which is also what a cancelled client leaves behind.
+            response.release()
+
+    async def _relay_stream(
+        self, ex: Exchange, response: aiohttp.ClientResponse, headers: Mapping[str, str]
+    ) -> web.StreamResponse:
+        ex.streamed = True
+        client = web.StreamResponse(status=response.status, headers=headers)
+        await client.prepare(ex.request)
+        try:
+            ex.usage_tail = await relay(ex, response, client)
+        except (TimeoutError, *_CONNECTION_ERRORS) as exc:
+            transport = ex.request.transport
+            if transport is None or transport.is_closing():
+                ex.outcome = "cancelled"
+                ex.error = "client disconnected mid-stream"
+                response.close()
+                return client
+            response.close()
+            ex.outcome = "upstream_error"
+            timed_out = isinstance(exc, TimeoutError)
+            ex.error = "upstream stream idle timeout" if timed_out else f"upstream stream broke: {type(exc).__name__}"
+            code = "upstream_timeout" if timed_out else "upstream_stream_error"
+            try:
+                await client.write(error_event(ex.error, code))
+            except (ConnectionError, RuntimeError):
+                pass
+        ex.upstream_done = time.perf_counter()
+        ex.usage = read_usage(ex, None)
+        if ex.status >= 400 and ex.outcome == "ok":
+            ex.outcome = "upstream_error"
+        try:
+            await client.write_eof()
+        except ConnectionError:
+            ex.outcome = "cancelled"
+        return client
+
+
+    @staticmethod
+    async def _send_whole(ex: Exchange, client: web.Response) -> web.Response:
+        """Send now, so the stages after this one (cache, limits, log) cost the client nothing."""
+        await client.prepare(ex.request)
+        ex.client_first_byte = time.perf_counter()
+        await client.write_eof()
+        return client
+
+
+async def _discard(response: aiohttp.ClientResponse) -> None:
+    """Read a small error body so the connection can go back to the pool, then release it."""
+    try:
+        await asyncio.wait_for(response.read(), timeout=5)
+    except (TimeoutError, *_CONNECTION_ERRORS):
+        response.close()
+    finally:
+        response.release()
+
+
+def _with_model(ex: Exchange, model: str) -> bytes:
+    document = ex.json()
+    if document is None:
+        return ex.body
+    return orjson.dumps({**document, "model": model})

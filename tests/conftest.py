@@ -1,0 +1,88 @@
+"""Shared fixtures: the mock provider and gateways on loopback ports, built as `make run` builds them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from bench.mock_upstream import MockUpstream
+from edgeproxy.app import create_app
+from edgeproxy.settings import Settings, load_settings
+
+
+@dataclass
+class RunningGateway:
+    settings: Settings
+    app: web.Application
+    runner: web.AppRunner
+    url: str
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockUpstream]:
+    upstream = MockUpstream()
+    await upstream.start()
+    yield upstream
+    await upstream.stop()
+
+
+@pytest.fixture
+async def start_gateway(mock: MockUpstream, tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Start a gateway in front of the mock; `config` is TOML text, `env` extra environment."""
+    running: list[RunningGateway] = []
+
+    async def start(config: str = "", env: dict[str, str] | None = None, **flags: Any) -> RunningGateway:
+        config_file = tmp_path / f"edgeproxy-{len(running)}.toml"
+        config_file.write_text(config)
+        flags.setdefault("upstream", mock.url)
+        flags.setdefault("data_dir", str(tmp_path / "data"))
+        settings = load_settings(config_file, env=env or {}, flags=flags)
+        app = create_app(settings)
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        gateway = RunningGateway(settings, app, runner, f"http://127.0.0.1:{port}")
+        running.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in reversed(running):
+        await gateway.stop()
+
+
+@pytest.fixture
+async def gateway(start_gateway: GatewayFactory) -> RunningGateway:
+    return await start_gateway()
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll until `predicate()` is truthy (awaiting it if needed); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
