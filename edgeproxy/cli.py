@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .keys_cli import add_keys_command
 from .settings import DEFAULT_UPSTREAM, Settings, SettingsError, load_settings
 
 log = logging.getLogger("edgeproxy")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--data-dir", help="embedded store folder (env EDGEPROXY_DATA_DIR)")
     migrate.add_argument("--cluster", help="print ReplicatedMergeTree + Distributed DDL for this cluster instead")
     migrate.set_defaults(run=_migrate)
+    add_keys_command(commands)
     return parser
 
 

@@ -32,10 +32,10 @@ def ask_for_usage(ex: Exchange) -> None:
     ex.hide_usage_chunk = True
 
 
-def sse_payloads(raw: bytes) -> Iterator[Any]:
-    """Yield each JSON `data:` payload of an SSE byte string; skip [DONE] and anything malformed."""
+def sse_payloads(raw: bytes, containing: bytes = b"") -> Iterator[Any]:
+    """Yield each JSON `data:` payload of an SSE byte string that holds `containing`; skip [DONE] and malformed ones."""
     for line in raw.split(b"\n"):
-        if not line.startswith(b"data:"):
+        if not line.startswith(b"data:") or containing not in line:
             continue
         data = line[5:].strip()
         if not data or data == b"[DONE]":
@@ -60,7 +60,8 @@ def read_usage(ex: Exchange, response_body: bytes | None) -> Usage:
     raw = ex.usage_tail if ex.capture.truncated else ex.capture.body() + ex.usage_tail
     if b'"usage"' not in raw:
         return usage
-    for payload in sse_payloads(raw):
+    # Only events that name "usage" can carry it; decoding all ~50 events of a stream to find it cost ~3× more.
+    for payload in sse_payloads(raw, b'"usage"'):
         if isinstance(payload, dict):
             _merge(usage, payload.get("usage"))
             message = payload.get("message")
@@ -74,7 +75,12 @@ def read_usage(ex: Exchange, response_body: bytes | None) -> Usage:
 def _merge(usage: Usage, found: Any) -> None:
     if not isinstance(found, dict):
         return
-    prompt = found.get("prompt_tokens", found.get("input_tokens"))
+    prompt = found.get("prompt_tokens")
+    if prompt is None and isinstance(found.get("input_tokens"), int):
+        # Anthropic counts cache reads and writes apart from input_tokens; OpenAI includes them.
+        prompt = found["input_tokens"] + sum(
+            found.get(k) or 0 for k in ("cache_read_input_tokens", "cache_creation_input_tokens")
+        )
     completion = found.get("completion_tokens", found.get("output_tokens"))
     if isinstance(prompt, int):
         usage.prompt_tokens = prompt

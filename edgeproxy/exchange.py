@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -29,6 +29,17 @@ class Identity:
     budget_usd: float | None = None
     budget_period: str = "month"
     user_override: bool = True
+    max_tokens: int | None = None
+
+
+class ResponseFilter(Protocol):
+    """Rewrites what the client is sent (the output guard): a stream chunk by chunk, or a whole body."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+    def whole(self, body: bytes) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -89,6 +100,8 @@ class Exchange:
     error: str = ""
     # The client asked no usage in its stream: the gateway asked for it and hides that chunk.
     hide_usage_chunk: bool = False
+    # Set by the policy stage when an output guard applies; the forwarder runs every byte through it.
+    response_filter: ResponseFilter | None = None
     # Raw end of a stream whose capture overflowed, plus any hidden usage event.
     usage_tail: bytes = b""
     _json: Any = None

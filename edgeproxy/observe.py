@@ -15,6 +15,7 @@ from .errors import GatewayError
 from .exchange import Exchange
 from .logs.record import LogRecord, cap_body
 from .pipeline import Handler
+from .metrics import Metrics, endpoint_of
 from .pricing import PriceTable
 
 log = logging.getLogger("edgeproxy.observe")
@@ -42,26 +43,17 @@ class RecordSink(Protocol):
     def submit(self, record: LogRecord) -> bool: ...
 
 
-class RequestObserver(Protocol):
-    def finished(self, ex: Exchange, record: LogRecord) -> None: ...
-
-    def started(self) -> None: ...
-
-
 class Observe:
     """Renders GatewayErrors, survives anything else, and records every request exactly once."""
 
-    def __init__(
-        self, sink: RecordSink | None, prices: PriceTable, observer: RequestObserver | None, body_max_bytes: int
-    ) -> None:
+    def __init__(self, sink: RecordSink | None, prices: PriceTable, metrics: Metrics, body_max_bytes: int) -> None:
         self._sink = sink
         self._prices = prices
-        self._observer = observer
+        self._metrics = metrics
         self._body_max_bytes = body_max_bytes
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
-        if self._observer is not None:
-            self._observer.started()
+        self._metrics.request_started()
         try:
             response = await call_next(ex)
             if not ex.status:
@@ -98,13 +90,33 @@ class Observe:
             ex.status = 499  # nginx's "client closed request": the client left before an answer
         try:
             record = self.build_record(ex)
+            if self._sink is not None:
+                self._sink.submit(record)
+            self._count(ex, record)
         except Exception:
-            log.exception("could not build the log record of %s", ex.request_id)
-            return
-        if self._sink is not None:
-            self._sink.submit(record)
-        if self._observer is not None:
-            self._observer.finished(ex, record)
+            log.exception("could not record request %s", ex.request_id)
+        finally:
+            self._metrics.request_finished()
+
+    def _count(self, ex: Exchange, record: LogRecord) -> None:
+        seconds = 0.001
+        self._metrics.observe_request(
+            target=record.target,
+            model=record.model,
+            endpoint=endpoint_of(record.path),
+            status=record.status,
+            cache=record.cache,
+            outcome=record.outcome,
+            duration_s=record.latency_ms * seconds,
+            ttfb_s=None if record.ttfb_ms is None else record.ttfb_ms * seconds,
+            upstream_s=None if record.upstream_ms is None else record.upstream_ms * seconds,
+            overhead_s=None if record.gateway_ms is None else record.gateway_ms * seconds,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cached_tokens=ex.usage.cached_tokens,
+            cost_usd=record.cost_usd,
+            cost_saved_usd=record.cost_saved_usd,
+        )
 
     def build_record(self, ex: Exchange) -> LogRecord:
         now = time.perf_counter()

@@ -171,27 +171,28 @@ def _target_url(value: str | None) -> str | None:
     return value.strip().rstrip("/")
 
 
+# Companion headers are validated even when their feature is off: a typo must not pass silently.
 def _cache(headers: Mapping[str, str]) -> CachePolicy | None:
-    if not _bool(headers.get("Helicone-Cache-Enabled"), "Helicone-Cache-Enabled"):
-        return None
-    ttl = None
-    control = headers.get("Cache-Control")
-    if control is not None:
-        match = _MAX_AGE.search(control)
-        if match:
-            ttl = _int(match.group(1), "Cache-Control", 0, 10 * 365 * 24 * 3600)
+    enabled = _bool(headers.get("Helicone-Cache-Enabled"), "Helicone-Cache-Enabled")
     bucket = headers.get("Helicone-Cache-Bucket-Max-Size")
     seed = headers.get("Helicone-Cache-Seed", "")
-    return CachePolicy(
-        ttl_seconds=ttl,
+    policy = CachePolicy(
+        ttl_seconds=None,
         bucket_max_size=1 if bucket is None else _int(bucket, "Helicone-Cache-Bucket-Max-Size", 1, 20),
         seed=_text(seed, "Helicone-Cache-Seed"),
     )
+    if not enabled:
+        return None
+    control = headers.get("Cache-Control")
+    match = _MAX_AGE.search(control) if control is not None else None
+    if match:  # Cache-Control has other uses; it is read only when caching is on
+        ttl = _int(match.group(1), "Cache-Control", 0, 10 * 365 * 24 * 3600)
+        policy = CachePolicy(ttl, policy.bucket_max_size, policy.seed)
+    return policy
 
 
 def _retry(headers: Mapping[str, str]) -> RetryPolicy | None:
-    if not _bool(headers.get("Helicone-Retry-Enabled"), "Helicone-Retry-Enabled"):
-        return None
+    enabled = _bool(headers.get("Helicone-Retry-Enabled"), "Helicone-Retry-Enabled")
     default = RetryPolicy()
     num = headers.get("Helicone-Retry-Num")
     factor_text = headers.get("Helicone-Retry-Factor")
@@ -213,7 +214,7 @@ def _retry(headers: Mapping[str, str]) -> RetryPolicy | None:
     )
     if policy.max_timeout_ms < policy.min_timeout_ms:
         raise bad_header("Helicone-Retry-Max-Timeout", "a value not below Helicone-Retry-Min-Timeout", high or "")
-    return policy
+    return policy if enabled else None
 
 
 def _fallbacks(value: str | None) -> tuple[Fallback, ...]:

@@ -81,6 +81,9 @@ class LogSettings:
     ttl_days: int = 0
     body_max_bytes: int = 64 * 1024
     enabled: bool = True
+    # HTTP client bounds, so a dead or hung server fails a flush fast and the batch is spooled.
+    connect_timeout_seconds: float = 2.0
+    timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,10 @@ class CacheSettings:
     max_ttl_seconds: int = 365 * 24 * 3600
     shared_namespace: bool = False
     timeout_seconds: float = 0.25
+    # Prefix of every Redis key, so deployments (or tests) can share one Redis.
+    key_prefix: str = "edgeproxy:"
+    # Redis connections per worker; past it a call waits, within timeout_seconds, for a free one.
+    max_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ class RateLimitSettings:
     url: str = "memory://"
     fail_open: bool = True
     timeout_seconds: float = 0.25
+    key_prefix: str = "edgeproxy:"
+    max_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ class AppPolicy:
     max_tokens: int | None = None
     rate_limit: str | None = None
     budget_usd: float | None = None
+    budget_period: Literal["day", "week", "month"] = "month"
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,7 @@ SHORTCUTS = {
     "port": ("EDGEPROXY_PORT", "server", "port"),
     "workers": ("EDGEPROXY_WORKERS", "server", "workers"),
     "data_dir": ("EDGEPROXY_DATA_DIR", "server", "data_dir"),
+    "jwt_secret": ("EDGEPROXY_JWT_SECRET", "auth", "jwt_secret"),
 }
 
 _SECTIONS = {

@@ -35,6 +35,10 @@ class UsageChunkFilter:
         complete, self._pending = data[: end + 2], data[end + 2 :]
         if b'"usage"' not in complete:
             return complete
+        if b'"choices":[]' not in complete:
+            # No usage-only event here (every chunk but the last): dropping the nulls is one C-level
+            # pass, where splitting into events and joining them back cost ~3 µs per chunk.
+            return complete.replace(b',"usage":null', b"")
         kept = []
         for event in complete.split(b"\n\n")[:-1]:
             if b'"choices":[]' in event and b'"usage":{' in event:
@@ -56,6 +60,7 @@ async def relay(ex: Exchange, upstream: ClientResponse, client: web.StreamRespon
     """
     capture = ex.capture
     filt = UsageChunkFilter() if ex.hide_usage_chunk else None
+    guard = ex.response_filter
     tail = b""
     first = True
     async for chunk in upstream.content.iter_any():
@@ -66,17 +71,21 @@ async def relay(ex: Exchange, upstream: ClientResponse, client: web.StreamRespon
             tail = (tail + chunk)[-USAGE_TAIL_BYTES:]
         if filt is not None:
             chunk = filt.feed(chunk)
-            if not chunk:
-                continue
+        if guard is not None and chunk:
+            chunk = guard.feed(chunk)
+        if not chunk:
+            continue
         await client.write(chunk)
         if ex.client_first_byte is None:
             ex.client_first_byte = time.perf_counter()
         capture.add(chunk)
+    rest = filt.flush() if filt is not None else b""
+    if guard is not None:
+        rest = guard.feed(rest) + guard.flush()
+    if rest:
+        await client.write(rest)
+        capture.add(rest)
     if filt is not None:
-        rest = filt.flush()
-        if rest:
-            await client.write(rest)
-            capture.add(rest)
         tail += b"".join(event + b"\n\n" for event in filt.hidden)
     return tail
 

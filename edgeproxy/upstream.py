@@ -172,6 +172,8 @@ class Forwarder:
                     502, f"Upstream response broke off: {type(exc).__name__}", type="upstream_error"
                 ) from None
             ex.upstream_done = time.perf_counter()
+            if ex.response_filter is not None:
+                body = ex.response_filter.whole(body)
             ex.capture.add(body)
             ex.usage = read_usage(ex, body)
             if ex.status >= 400:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from aiohttp import web
 
 from bench.mock_upstream import MockUpstream
 from edgeproxy.app import create_app
+from tests.clickhouse_server import ClickHouseServer
+from tests.clickhouse_server import clickhouse_url as real_clickhouse_url
 from edgeproxy.settings import Settings, load_settings
 
 
@@ -44,16 +47,27 @@ async def mock() -> AsyncIterator[MockUpstream]:
 
 
 @pytest.fixture
-async def start_gateway(mock: MockUpstream, tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+async def start_gateway(
+    mock: MockUpstream, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[GatewayFactory]:
     """Start a gateway in front of the mock; `config` is TOML text, `env` extra environment."""
     running: list[RunningGateway] = []
 
-    async def start(config: str = "", env: dict[str, str] | None = None, **flags: Any) -> RunningGateway:
+    async def start(
+        config: str = "", env: dict[str, str] | None = None, *, logs: str = "off", **flags: Any
+    ) -> RunningGateway:
+        """`logs`: "off", "embedded" (chDB under the data dir) or "server" (ClickHouse over HTTP)."""
         config_file = tmp_path / f"edgeproxy-{len(running)}.toml"
         config_file.write_text(config)
         flags.setdefault("upstream", mock.url)
-        flags.setdefault("data_dir", str(tmp_path / "data"))
-        settings = load_settings(config_file, env=env or {}, flags=flags)
+        flags.setdefault("data_dir", str(tmp_path / f"data-{len(running)}"))
+        env = dict(env or {})
+        if logs == "off":
+            env.setdefault("EDGEPROXY_LOGS_ENABLED", "false")
+        elif logs == "server":
+            env.setdefault("EDGEPROXY_LOGS_CLICKHOUSE_URL", request.getfixturevalue("clickhouse_url"))
+            env.setdefault("EDGEPROXY_LOGS_DATABASE", f"t_{uuid.uuid4().hex[:12]}")
+        settings = load_settings(config_file, env=env, flags=flags)
         app = create_app(settings)
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2)
         await runner.setup()
@@ -67,6 +81,19 @@ async def start_gateway(mock: MockUpstream, tmp_path: Path) -> AsyncIterator[Gat
     yield start
     for gateway in reversed(running):
         await gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ClickHouse HTTP endpoint: `CLICKHOUSE_URL` when set, else the chDB-backed double."""
+    url = real_clickhouse_url()
+    if url:
+        yield url
+        return
+    server = ClickHouseServer(tmp_path_factory.mktemp("clickhouse"))
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Benchmarks and the mock upstream provider they share with the test suite."""

@@ -1,0 +1,600 @@
+"""`make bench`: every contender in front of one mock, each scenario driven from its own load process.
+
+    python -m bench.compare            full run (< 10 min), writes bench/RESULTS.md
+    python -m bench.compare --quick    ~1 minute subset
+    python -m bench.compare --soak 300 the 5-minute memory check
+    python -m bench.compare --profile  py-spy on edgeproxy under c64 and stream-c32
+
+Raw figures go to bench/results/ (ignored by git) as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import re
+import statistics
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .contenders import (
+    ROOT,
+    Backdrop,
+    ContenderSpec,
+    Process,
+    Running,
+    Unavailable,
+    cpu_seconds,
+    rss_bytes,
+    start,
+    start_clickhouse,
+    start_mock,
+)
+from .loadgen import SCENARIOS, LoadResult, Scenario, Stats, format_table, scenario
+
+RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+RESULTS_DIR = ROOT / "bench" / "results"
+SAMPLE_SECONDS = 0.5
+QUICK_FACTOR = 0.25
+
+CONTENDERS: tuple[ContenderSpec, ...] = (
+    ContenderSpec("direct", "direct"),
+    ContenderSpec("nginx", "nginx"),
+    ContenderSpec("litellm", "litellm"),
+    ContenderSpec("edgeproxy-1w", "edgeproxy"),
+    ContenderSpec("edgeproxy-1w-embedded", "edgeproxy", logs="embedded"),
+    ContenderSpec("edgeproxy-1w-clickhouse", "edgeproxy", logs="clickhouse"),
+    ContenderSpec("edgeproxy-2w", "edgeproxy", workers=2),
+    ContenderSpec("edgeproxy-2w-clickhouse", "edgeproxy", workers=2, logs="clickhouse"),
+)
+QUICK_CONTENDERS = ("direct", "nginx", "litellm", "edgeproxy-1w", "edgeproxy-1w-embedded")
+# The default configuration (embedded log store on): what a user runs, so what must not grow.
+SOAK_CONTENDER = ContenderSpec("edgeproxy-1w-soak", "edgeproxy", logs="embedded")
+PROFILE_CONTENDER = ContenderSpec("edgeproxy-1w-profile", "edgeproxy")
+PROFILE_SCENARIOS = ("c64", "stream-c32")
+
+
+@dataclass(frozen=True)
+class Plan:
+    contenders: tuple[ContenderSpec, ...]
+    scenarios: tuple[Scenario, ...]
+    soak_seconds: float
+    quick: bool
+
+    def scenarios_for(self, spec: ContenderSpec) -> list[Scenario]:
+        """Only gateways cache; `direct` runs the cache scenario too, as the cost of going upstream."""
+        return [s for s in self.scenarios if not s.cache or spec.kind in ("direct", "edgeproxy")]
+
+
+# --- what a run measured ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Resident memory samples of one process tree: (seconds since the load began, bytes)."""
+
+    samples: tuple[tuple[float, int], ...]
+
+    def _settled(self) -> list[int]:
+        # The first fifth is warm-up (pools, caches and allocator arenas filling), not growth.
+        if not self.samples:
+            return []
+        horizon = self.samples[-1][0] * 0.2
+        return [size for at, size in self.samples if at >= horizon] or [self.samples[-1][1]]
+
+    @property
+    def start_mb(self) -> float:
+        settled = self._settled()
+        return statistics.median(settled[:3]) / 2**20 if settled else 0.0
+
+    @property
+    def end_mb(self) -> float:
+        settled = self._settled()
+        return statistics.median(settled[-3:]) / 2**20 if settled else 0.0
+
+    @property
+    def peak_mb(self) -> float:
+        return max((size for _, size in self.samples), default=0) / 2**20
+
+    @property
+    def drift(self) -> float:
+        """Relative change from the settled start to the end: 0.05 is 5 % growth."""
+        return self.end_mb / self.start_mb - 1.0 if self.start_mb else 0.0
+
+    def describe(self) -> str:
+        return (f"{self.start_mb:.1f} MB → {self.end_mb:.1f} MB ({self.drift:+.1%}), peak {self.peak_mb:.1f} MB, "
+                f"{len(self.samples)} samples")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One scenario against one contender: the client's view plus the server's memory and CPU."""
+
+    contender: str
+    scenario: str
+    result: LoadResult
+    rss: Trace
+    server_cpu_s: float
+    # The mock's CPU while a proxy ran (None for `direct`, where the mock is the server).
+    mock_cpu_s: float | None
+    client_cpu_s: float
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """Server CPU per request (warm-up included): efficiency that CPU contention does not distort."""
+        sent = self.result.completed + self.result.errors + self.result.warmup
+        return self.server_cpu_s / sent * 1e6 if sent else None
+
+
+@dataclass(frozen=True)
+class RunReport:
+    date: str
+    quick: bool
+    machine: dict[str, Any]
+    versions: dict[str, str]
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    measurements: tuple[Measurement, ...]
+    soak: Measurement | None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def find(self, contender: str, scenario_name: str) -> Measurement | None:
+        return next((m for m in self.measurements if m.contender == contender and m.scenario == scenario_name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Check:
+    target: str
+    measured: str
+    ok: bool | None  # None: not measured in this run
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    names = set(args.only.split(",")) if args.only else set(QUICK_CONTENDERS if args.quick else ())
+    contenders = tuple(c for c in CONTENDERS if not names or c.name in names)
+    unknown = names - {c.name for c in CONTENDERS}
+    if unknown:
+        raise SystemExit(f"unknown contender(s): {', '.join(sorted(unknown))}")
+    chosen = [scenario(n) for n in args.scenarios.split(",")] if args.scenarios else list(SCENARIOS)
+    if args.quick:
+        chosen = [s.scaled(QUICK_FACTOR) for s in chosen]
+    soak = args.soak if args.soak is not None else (5.0 if args.quick else 20.0)
+    return Plan(contenders, tuple(chosen), soak, args.quick)
+
+
+def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measurement:
+    """Drive one scenario from a separate load process while sampling the contender's memory and CPU."""
+    command = [
+        sys.executable, "-m", "bench.loadgen", "--url", running.url, "--scenario", chosen.name,
+        "--requests", str(chosen.requests), "--seconds", str(chosen.seconds),
+        "--concurrency", str(chosen.concurrency), "--warmup", str(chosen.warmup), "--json",
+    ]
+    server_before = cpu_seconds(running.pid)
+    mock_before = cpu_seconds(backdrop.mock_pid)
+    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    load = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    samples: list[tuple[float, int]] = []
+    deadline = started + chosen.seconds + 120.0
+    while load.poll() is None:
+        samples.append((time.monotonic() - started, rss_bytes(running.pid)))
+        if time.monotonic() > deadline:
+            load.kill()
+        time.sleep(SAMPLE_SECONDS)
+    out, err = load.communicate()
+    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if load.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({load.returncode}): {err.decode()[-2000:]}")
+    samples.append((time.monotonic() - started, rss_bytes(running.pid)))
+    server = cpu_seconds(running.pid) - server_before
+    mock = cpu_seconds(backdrop.mock_pid) - mock_before
+    client = (client_after.ru_utime + client_after.ru_stime) - (client_before.ru_utime + client_before.ru_stime)
+    return Measurement(
+        contender=running.spec.name,
+        scenario=chosen.name,
+        result=LoadResult.from_json(orjson.loads(out)),
+        rss=Trace(tuple(samples)),
+        server_cpu_s=server,
+        mock_cpu_s=None if running.pid == backdrop.mock_pid else mock,
+        client_cpu_s=client,
+    )
+
+
+def run(plan: Plan, scratch: Path) -> RunReport:
+    """Start the backdrop, then each contender in turn; a contender that cannot start is skipped, with why."""
+    load_before = os.getloadavg()
+    mock, mock_url = start_mock(scratch)
+    clickhouse: Process | None = None
+    clickhouse_url: str | None = None
+    skipped: dict[str, str] = {}
+    measurements: list[Measurement] = []
+    versions: dict[str, str] = {}
+    soak: Measurement | None = None
+    try:
+        if any(c.logs == "clickhouse" for c in plan.contenders):
+            try:
+                clickhouse, clickhouse_url = start_clickhouse(scratch)
+            except Unavailable as exc:
+                print(f"clickhouse double unavailable: {exc}", file=sys.stderr)
+        backdrop = Backdrop(mock_url, mock.pid, clickhouse_url, scratch)
+        for spec in plan.contenders:
+            running = _start(spec, backdrop, skipped)
+            if running is None:
+                continue
+            if spec.kind != "direct":
+                versions[spec.kind] = running.version
+            try:
+                for chosen in plan.scenarios_for(spec):
+                    done = measure(running, chosen, backdrop)
+                    measurements.append(done)
+                    print(format_table([done.result], [f"{spec.name} {chosen.name}"]).splitlines()[2], file=sys.stderr)
+            finally:
+                running.stop()
+        if plan.soak_seconds > 0:
+            soak = _soak(plan, backdrop, skipped)
+    finally:
+        if clickhouse is not None:
+            clickhouse.stop()
+        mock.stop()
+    return RunReport(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        quick=plan.quick,
+        machine=_machine(),
+        versions={**_base_versions(), **versions},
+        load_before=load_before,
+        load_after=os.getloadavg(),
+        measurements=tuple(measurements),
+        soak=soak,
+        skipped=skipped,
+    )
+
+
+def _start(spec: ContenderSpec, backdrop: Backdrop, skipped: dict[str, str]) -> Running | None:
+    print(f"starting {spec.name} …", file=sys.stderr)
+    try:
+        return start(spec, backdrop)
+    except Unavailable as exc:
+        skipped[spec.name] = str(exc)
+        print(f"skipping {spec.name}: {exc}", file=sys.stderr)
+        return None
+
+
+def _soak(plan: Plan, backdrop: Backdrop, skipped: dict[str, str]) -> Measurement | None:
+    running = _start(SOAK_CONTENDER, backdrop, skipped)
+    if running is None:
+        return None
+    base = scenario("c64")
+    # Bounded by time alone: the request cap sits far above what the time allows.
+    chosen = dataclasses.replace(base, seconds=plan.soak_seconds, requests=10_000_000)
+    try:
+        done = measure(running, chosen, backdrop)
+    finally:
+        running.stop()
+    print(f"soak {plan.soak_seconds:g}s: RSS {done.rss.describe()}", file=sys.stderr)
+    return done
+
+
+def profile(plan: Plan, scratch: Path, names: Sequence[str] = PROFILE_SCENARIOS) -> str:
+    """py-spy on a 1-worker edgeproxy (logs off), by default under c64 and stream-c32; returns Markdown."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise SystemExit("py-spy is missing: .venv/bin/pip install py-spy")
+    mock, mock_url = start_mock(scratch)
+    sections = []
+    try:
+        backdrop = Backdrop(mock_url, mock.pid, None, scratch)
+        running = start(PROFILE_CONTENDER, backdrop)
+        try:
+            for name in names:
+                chosen = next((s for s in plan.scenarios if s.name == name), scenario(name))
+                stacks = RESULTS_DIR / f"profile-{name}.txt"
+                # --nonblocking: sample without pausing the server, so the figures stay honest.
+                spy_command = [spy, "record", "--pid", str(running.pid), "--rate", "250", "--nonblocking",
+                               "--format", "raw", "--output", str(stacks),
+                               "--duration", str(int(chosen.seconds) + 2)]
+                spying = subprocess.Popen(spy_command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                done = measure(running, chosen, backdrop)
+                _, err = spying.communicate(timeout=chosen.seconds + 60)
+                if not stacks.exists():
+                    raise SystemExit(f"py-spy wrote nothing: {err.decode()[-1000:]}")
+                sections.append(profile_summary(name, stacks.read_text(), done))
+        finally:
+            running.stop()
+    finally:
+        mock.stop()
+    return "\n\n".join(sections)
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+GATEWAY = "edgeproxy-1w"
+LOGGING_ON = ("edgeproxy-1w-embedded", "edgeproxy-1w-clickhouse")
+
+
+def check_targets(report: RunReport) -> list[Check]:
+    """The issue's targets, for the 1-worker gateway against peers measured in the same run."""
+    checks: list[Check] = []
+
+    def added(scenario_name: str, pick: Callable[[Measurement], Stats | None], label: str) -> None:
+        ours, floor = report.find(GATEWAY, scenario_name), report.find("direct", scenario_name)
+        for quantile, limit in (("p50", 1.0), ("p99", 3.0)):
+            target = f"{label} {quantile} ≤ {limit:g} ms over direct"
+            ours_stats = pick(ours) if ours else None
+            floor_stats = pick(floor) if floor else None
+            if ours_stats is None or floor_stats is None:
+                checks.append(Check(target, "not measured", None))
+                continue
+            extra = getattr(ours_stats, quantile) - getattr(floor_stats, quantile)
+            checks.append(Check(target, f"+{extra:.2f} ms ({getattr(ours_stats, quantile):.2f} vs "
+                                        f"{getattr(floor_stats, quantile):.2f})", extra <= limit))
+
+    added("c1", lambda m: m.result.latency, "added latency, non-streaming, concurrency 1,")
+    added("stream-c1", lambda m: m.result.ttfb, "added time to first byte, streaming, concurrency 1,")
+    checks.append(_ratio_check(report, "litellm", "throughput (c64) ≥ 5× LiteLLM", lambda r: r >= 5.0))
+    checks.append(_ratio_check(report, "nginx", "throughput (c64) within 3× of nginx", lambda r: r >= 1 / 3))
+    off = report.find(GATEWAY, "c64")
+    for name in LOGGING_ON:
+        on = report.find(name, "c64")
+        target = f"throughput (c64) with logging on ({name.rsplit('-', 1)[1]}) within 10% of off"
+        if off is None or on is None or not off.result.rps:
+            checks.append(Check(target, "not measured", None))
+        else:
+            ratio = on.result.rps / off.result.rps
+            checks.append(Check(target, f"{ratio:.2f}× ({on.result.rps:.0f} vs {off.result.rps:.0f} req/s)",
+                                ratio >= 0.9))
+    if report.soak is None:
+        checks.append(Check("RSS flat (±10%) at full load", "not measured", None))
+    else:
+        drift = report.soak.rss.drift
+        seconds = report.soak.result.seconds
+        checks.append(Check(f"RSS flat (±10%) over {seconds:.0f} s at full load (c64)",
+                            report.soak.rss.describe(), abs(drift) <= 0.10))
+    return checks
+
+
+def _ratio_check(report: RunReport, peer: str, target: str, good: Callable[[float], bool]) -> Check:
+    ours, theirs = report.find(GATEWAY, "c64"), report.find(peer, "c64")
+    if ours is None or theirs is None or not theirs.result.rps:
+        reason = report.skipped.get(peer)
+        return Check(target, f"not measured{': ' + reason[:160] if reason else ''}", None)
+    ratio = ours.result.rps / theirs.result.rps
+    return Check(target, f"{ratio:.2f}× ({ours.result.rps:.0f} vs {theirs.result.rps:.0f} req/s)", good(ratio))
+
+
+def render_markdown(report: RunReport) -> str:
+    """bench/RESULTS.md: targets, then one table per scenario with ratios against direct and each peer."""
+    machine = report.machine
+    mode = "python -m bench.compare --quick" if report.quick else "make bench (python -m bench.compare)"
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated by `{mode}` on {report.date}. Method and caveats: [README.md](README.md).",
+        "",
+        f"- Machine: {machine.get('cores')} cores ({machine.get('cpu') or 'unknown CPU'}), Linux "
+        f"{machine.get('kernel')}, Python {machine.get('python')}.",
+        "- Load generator, mock provider and contender share those cores, each in its own process; the "
+        "server CPU per request (µs/req) is the figure least distorted by that.",
+        f"- Load average before / after: {_load(report.load_before)} / {_load(report.load_after)}"
+        " (other jobs on the machine add noise; compare ratios within this run, not across runs).",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report.versions.items())) + ".",
+        "",
+        "## Targets (edgeproxy, 1 worker, logging off unless named; same run)",
+        "",
+        "| target | measured | verdict |",
+        "| --- | --- | --- |",
+    ]
+    for check in check_targets(report):
+        verdict = "n/a" if check.ok is None else ("pass" if check.ok else "**miss**")
+        lines.append(f"| {check.target} | {check.measured} | {verdict} |")
+    for chosen in SCENARIOS:
+        rows = [m for m in report.measurements if m.scenario == chosen.name]
+        if rows:
+            lines += ["", f"## {chosen.name}: {chosen.description}", "", *_scenario_table(report, chosen, rows)]
+    if report.soak is not None:
+        soak = report.soak
+        lines += ["", "## Memory under sustained load", "",
+                  f"`{soak.contender}` (embedded log store on) under c64 for {soak.result.seconds:.0f} s: "
+                  f"{soak.result.rps:.0f} req/s, {soak.result.errors} errors; RSS {soak.rss.describe()}. "
+                  "Start is the median of the first samples after the first fifth of the run (warm-up), "
+                  "end the median of the last three; `--soak 300` runs the 5-minute check."]
+    if report.skipped:
+        lines += ["", "## Skipped", ""]
+        lines += [f"- **{name}**: {reason}" for name, reason in report.skipped.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _scenario_table(report: RunReport, chosen: Scenario, rows: list[Measurement]) -> list[str]:
+    peers = [("direct", "× direct"), ("nginx", "× nginx"), ("litellm", "× LiteLLM")]
+    base = {name: report.find(name, chosen.name) for name, _ in peers}
+    head = ["contender", "req/s", *[label for name, label in peers if base[name]], "p50 ms", "p99 ms",
+            "+p50 vs direct", "+p99 vs direct"]
+    if chosen.stream:
+        head += ["TTFB p50", "TTFB p99", "+TTFB p50", "+TTFB p99", "gap p50", "gap p99"]
+    head += ["server CPU µs/req", "RSS peak MB", "errors"]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    floor = base["direct"]
+    for m in rows:
+        r = m.result
+        cells = [m.contender, f"{r.rps:.0f}"]
+        cells += [_ratio(r.rps, b.result.rps) for name, b in base.items() if b is not None]
+        cells += [_stat(r.latency, "p50"), _stat(r.latency, "p99"),
+                  _delta(r.latency, floor.result.latency if floor else None, "p50"),
+                  _delta(r.latency, floor.result.latency if floor else None, "p99")]
+        if chosen.stream:
+            floor_ttfb = floor.result.ttfb if floor else None
+            cells += [_stat(r.ttfb, "p50"), _stat(r.ttfb, "p99"), _delta(r.ttfb, floor_ttfb, "p50"),
+                      _delta(r.ttfb, floor_ttfb, "p99"), _stat(r.chunk_gap, "p50"), _stat(r.chunk_gap, "p99")]
+        cpu = m.cpu_us_per_request
+        cells += ["-" if cpu is None else f"{cpu:.0f}", f"{m.rss.peak_mb:.0f}", _errors(r)]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}" if base else "-"
+
+
+def _stat(stats: Stats | None, name: str) -> str:
+    return "-" if stats is None else f"{getattr(stats, name):.2f}"
+
+
+def _delta(stats: Stats | None, floor: Stats | None, name: str) -> str:
+    if stats is None or floor is None:
+        return "-"
+    return f"{getattr(stats, name) - getattr(floor, name):+.2f}"
+
+
+def _errors(result: LoadResult) -> str:
+    if not result.errors:
+        return "0"
+    kinds = ", ".join(f"{kind}: {count}" for kind, count in sorted(result.error_kinds.items()))
+    return f"{result.errors} ({kinds})"
+
+
+def _load(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
+
+
+# --- profiles ------------------------------------------------------------------------------------------
+
+_FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def area(path: str) -> str:
+    """The part of the stack a frame belongs to, by its file: edgeproxy, aiohttp server or client, asyncio…"""
+    if "edgeproxy/" in path:
+        return "edgeproxy"
+    if "aiohttp/" in path:
+        name = path.rsplit("/", 1)[-1]
+        return "aiohttp client" if name.startswith(("client", "connector")) else "aiohttp server/http"
+    tail = path.split("site-packages/")[-1]
+    return tail.split("/", 1)[0].removesuffix(".py") if "/" in tail else tail.removesuffix(".py")
+
+
+def parse_stacks(raw: str) -> Counter[tuple[str, ...]]:
+    """py-spy's raw (collapsed) output: `frame;frame;… count` per line."""
+    stacks: Counter[tuple[str, ...]] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks[tuple(stack.split(";"))] += int(count)
+    return stacks
+
+
+def _label(frame: str) -> tuple[str, str]:
+    match = _FRAME.match(frame)
+    return (match.group("function"), match.group("file")) if match else (frame, "")
+
+
+def profile_summary(name: str, raw: str, done: Measurement, top: int = 15) -> str:
+    """Where the CPU went: share by area, and the top functions by self and by inclusive time."""
+    stacks = parse_stacks(raw)
+    total = sum(stacks.values()) or 1
+    by_area: Counter[str] = Counter()
+    by_self: Counter[str] = Counter()
+    by_total: Counter[str] = Counter()
+    for stack, count in stacks.items():
+        labels = [_label(frame) for frame in stack]
+        function, path = labels[-1]
+        by_area[area(path)] += count
+        by_self[f"{function} ({path})"] += count
+        for seen in {f"{f} ({p})" for f, p in labels}:
+            by_total[seen] += count
+    r = done.result
+    lines = [f"## Profile: {name}", "",
+             f"{total} samples at 250 Hz (idle excluded) while serving {r.rps:.0f} req/s, p50 "
+             f"{_stat(r.latency, 'p50')} ms, p99 {_stat(r.latency, 'p99')} ms; server CPU "
+             f"{done.cpu_us_per_request or 0:.0f} µs/request.", "",
+             "| area (self time) | share |", "| --- | --- |"]
+    lines += [f"| {key} | {count / total:.1%} |" for key, count in by_area.most_common(12)]
+    for title, counts in (("self", by_self), ("inclusive", _inclusive_of_interest(by_total))):
+        lines += ["", f"| top functions ({title}) | share |", "| --- | --- |"]
+        lines += [f"| `{key}` | {count / total:.1%} |" for key, count in counts.most_common(top)]
+    return "\n".join(lines)
+
+
+def _inclusive_of_interest(by_total: Counter[str]) -> Counter[str]:
+    """Inclusive time without the frames every sample shares (runpy, the event loop's run methods)."""
+    shared = ("runpy", "run_app", "Runner.run", "run_until_complete", "run_forever", "<module>", "main (")
+    return Counter({key: count for key, count in by_total.items() if not any(s in key for s in shared)})
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": model, "kernel": platform.release(), "python": platform.python_version()}
+
+
+def _base_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("aiohttp", "uvloop", "orjson", "chdb", "clickhouse-connect"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute subset")
+    parser.add_argument("--soak", type=float, help="seconds of full load on one gateway, memory sampled (300 = 5 min)")
+    parser.add_argument("--only", help="comma-separated contender names: " + ", ".join(c.name for c in CONTENDERS))
+    parser.add_argument("--scenarios", help="comma-separated scenario names: " + ", ".join(s.name for s in SCENARIOS))
+    parser.add_argument("--profile", action="store_true", help="profile edgeproxy with py-spy instead")
+    parser.add_argument("--no-write", action="store_true", help="print the report, leave bench/RESULTS.md alone")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (servers' logs)")
+    args = parser.parse_args(argv)
+    plan = build_plan(args)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="edgeproxy-bench-"))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        if args.profile:
+            names = [s.name for s in plan.scenarios] if args.scenarios else PROFILE_SCENARIOS
+            text = profile(plan, scratch, names)
+            (RESULTS_DIR / f"profile-{stamp}.md").write_text(text + "\n")
+            print(text)
+            return 0
+        report = run(plan, scratch)
+    finally:
+        if args.keep:
+            print(f"scratch folder kept: {scratch}", file=sys.stderr)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    (RESULTS_DIR / f"run-{stamp}.json").write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
+    text = render_markdown(report)
+    if not args.no_write:
+        RESULTS_MD.write_text(text)
+        print(f"wrote {RESULTS_MD.relative_to(ROOT)}", file=sys.stderr)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

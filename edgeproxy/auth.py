@@ -1,0 +1,412 @@
+"""Gateway keys: signed JWTs issued by the CLI, verified per request, revocable across a fleet.
+
+A key's claims are the tenant: `sub` is the app, `jti` the key id, and the custom claims
+below narrow what it may do. Verification pins the configured algorithm, so neither
+`alg: none` nor an HS256 token signed with an RS256 gateway's public key gets through
+(RFC 8725 §2.1, §3.1). Refusals name the reason and never echo the token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+from redis import asyncio as aioredis
+
+from .cache.remote import BACKEND_ERRORS, Detached, FaultGate, RedisCounters, open_redis
+from .errors import GatewayError
+from .exchange import Exchange, Identity
+from .pipeline import Handler
+from .settings import AuthSettings, Settings, SettingsError
+
+log = logging.getLogger("edgeproxy.auth")
+
+Clock = Callable[[], float]
+
+PERIODS = ("day", "week", "month")
+KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# HS256 keys are only as strong as the secret; 32 bytes matches the hash output (RFC 7518 §3.2).
+MIN_SECRET_BYTES = 32
+# Far above any key this CLI issues; stops a megabyte header from reaching the JSON parser.
+MAX_TOKEN_CHARS = 8192
+_REQUIRED_CLAIMS = ["iss", "aud", "sub", "jti", "iat", "nbf", "exp"]
+_PUBLIC_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "RS256": (rsa.RSAPublicKey,),
+    "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+# pyjwt's exception → (reason shown to the client, error code). Order matters: subclasses first.
+_REASONS: tuple[tuple[type[Exception], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "the key has expired", "key_expired"),
+    (jwt.ImmatureSignatureError, "the key is not valid yet", "key_not_yet_valid"),
+    (jwt.InvalidSignatureError, "bad signature", "invalid_signature"),
+    (jwt.InvalidAudienceError, "wrong audience", "wrong_audience"),
+    (jwt.InvalidIssuerError, "wrong issuer", "wrong_issuer"),
+    (jwt.InvalidAlgorithmError, "signing algorithm not accepted", "algorithm_not_allowed"),
+    (jwt.MissingRequiredClaimError, "a required claim is missing", "missing_claim"),
+    (jwt.DecodeError, "malformed key", "malformed_key"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """What a key allows; `edgeproxy keys issue` builds one from its flags."""
+
+    app: str
+    user: str | None = None
+    models: tuple[str, ...] = ()
+    budget_usd: float | None = None
+    budget_period: str = "month"
+    rate_limit: str | None = None
+    max_tokens: int | None = None
+    allow_user_override: bool = False
+    lifetime_seconds: int = 90 * 86400
+
+    def claims(self) -> dict[str, Any]:
+        """The custom claims; absent limits are left out rather than sent as null."""
+        claims: dict[str, Any] = {"user_override": self.allow_user_override}
+        if self.user:
+            claims["user"] = self.user
+        if self.models:
+            claims["models"] = list(self.models)
+        if self.budget_usd is not None:
+            claims["budget"] = {"usd": self.budget_usd, "period": self.budget_period}
+        if self.rate_limit:
+            claims["rate_limit"] = self.rate_limit
+        if self.max_tokens is not None:
+            claims["max_tokens"] = self.max_tokens
+        return claims
+
+
+class KeyIssuer:
+    """Signs keys with the configured secret or private key (only the CLI holds it)."""
+
+    def __init__(self, auth: AuthSettings, clock: Clock = time.time) -> None:
+        self._auth = auth
+        self._key = signing_key(auth)
+        self._clock = clock
+
+    def issue(self, grant: KeyGrant) -> tuple[str, str]:
+        """Return (key, key id)."""
+        key_id = secrets.token_hex(12)
+        now = int(self._clock())
+        payload = {
+            "iss": self._auth.issuer,
+            "aud": self._auth.audience,
+            "sub": grant.app,
+            "jti": key_id,
+            "iat": now,
+            "nbf": now,
+            "exp": now + grant.lifetime_seconds,
+            **grant.claims(),
+        }
+        return jwt.encode(payload, self._key, algorithm=self._auth.algorithm), key_id
+
+
+class KeyVerifier:
+    """Checks signature, algorithm and registered claims; turns the custom claims into an Identity."""
+
+    def __init__(self, auth: AuthSettings) -> None:
+        self._auth = auth
+        self._key = verifying_key(auth)
+        # One decoder with fixed options, built once: nothing about it depends on the token.
+        self._decoder = jwt.PyJWT({"require": _REQUIRED_CLAIMS})
+
+    def verify(self, token: str) -> Identity:
+        """The key's Identity, or a GatewayError(401) saying why not."""
+        if len(token) > MAX_TOKEN_CHARS:
+            raise refused("malformed key", "malformed_key")
+        try:
+            claims = self._decoder.decode(
+                token,
+                self._key,
+                algorithms=[self._auth.algorithm],
+                audience=self._auth.audience,
+                issuer=self._auth.issuer,
+                leeway=self._auth.leeway_seconds,
+            )
+        except jwt.PyJWTError as exc:
+            reason, code = next(((r, c) for kind, r, c in _REASONS if isinstance(exc, kind)), ("invalid key", "invalid_key"))
+            raise refused(reason, code) from None
+        try:
+            return identity_from_claims(claims)
+        except (TypeError, ValueError):
+            raise refused("the key's claims are malformed", "malformed_claims") from None
+
+
+def identity_from_claims(claims: dict[str, Any]) -> Identity:
+    """Map verified claims onto an Identity; a claim of the wrong type raises ValueError."""
+    models = claims.get("models", [])
+    budget = claims.get("budget")
+    max_tokens = claims.get("max_tokens")
+    if not (isinstance(claims["sub"], str) and isinstance(claims["jti"], str)):
+        raise ValueError("sub and jti must be strings")
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise ValueError("models must be a list of strings")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
+        raise ValueError("max_tokens must be an integer")
+    budget_usd, period = None, "month"
+    if budget is not None:
+        if not isinstance(budget, dict) or budget.get("period", "month") not in PERIODS:
+            raise ValueError("budget must be {usd, period}")
+        budget_usd, period = float(budget["usd"]), budget.get("period", "month")
+    rate_limit = claims.get("rate_limit")
+    user = claims.get("user", "")
+    if not isinstance(user, str) or not (rate_limit is None or isinstance(rate_limit, str)):
+        raise ValueError("user and rate_limit must be strings")
+    return Identity(
+        app_id=claims["sub"],
+        key_id=claims["jti"],
+        user_id=user,
+        models=tuple(models),
+        rate_limit=rate_limit,
+        budget_usd=budget_usd,
+        budget_period=period,
+        user_override=claims.get("user_override") is True,
+        max_tokens=max_tokens,
+    )
+
+
+def refused(reason: str, code: str, status: int = 401) -> GatewayError:
+    """A refusal in the provider's error shape; the message carries the reason, never the key."""
+    headers = {"WWW-Authenticate": 'Bearer realm="edgeproxy"'} if status == 401 else None
+    return GatewayError(status, f"Gateway key refused: {reason}", code=code, headers=headers)
+
+
+def has_key_material(auth: AuthSettings) -> bool:
+    if auth.algorithm == "HS256":
+        return bool(auth.jwt_secret)
+    return bool(auth.public_key_file or auth.private_key_file)
+
+
+def signing_key(auth: AuthSettings) -> Any:
+    if auth.algorithm == "HS256":
+        return _secret(auth)
+    if not auth.private_key_file:
+        raise SettingsError(f"auth.private_key_file is needed to sign {auth.algorithm} keys")
+    return load_pem_private_key(_read(auth.private_key_file), password=None)
+
+
+def verifying_key(auth: AuthSettings) -> Any:
+    """The secret (HS256) or public key; a replica that only verifies needs only the public key."""
+    if auth.algorithm == "HS256":
+        return _secret(auth)
+    if auth.public_key_file:
+        key = load_pem_public_key(_read(auth.public_key_file))
+    elif auth.private_key_file:
+        key = load_pem_private_key(_read(auth.private_key_file), password=None).public_key()
+    else:
+        raise SettingsError(f"auth.public_key_file is needed to verify {auth.algorithm} keys")
+    if not isinstance(key, _PUBLIC_KEY_TYPES[auth.algorithm]):
+        raise SettingsError(f"the configured key is a {type(key).__name__}, not a key for {auth.algorithm}")
+    return key
+
+
+def _secret(auth: AuthSettings) -> bytes:
+    secret = (auth.jwt_secret or "").encode()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise SettingsError(
+            f"auth.jwt_secret (env EDGEPROXY_JWT_SECRET) must be at least {MIN_SECRET_BYTES} bytes for HS256"
+        )
+    return secret
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"cannot read key file {path}: {exc.strerror}") from None
+
+
+class RevocationList(Protocol):
+    """Revoked key ids, shared by every process that verifies keys."""
+
+    async def is_revoked(self, key_id: str) -> bool: ...
+
+    async def revoke(self, key_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class FileRevocations:
+    """Key ids, one a line, in a file under data_dir; re-read only when its mtime or size changes.
+
+    Staleness is bounded by `recheck_seconds`: one stat() per interval, not per request.
+    """
+
+    def __init__(self, path: Path, recheck_seconds: float = 0.5, clock: Clock = time.monotonic) -> None:
+        self.path = path
+        self._recheck = recheck_seconds
+        self._clock = clock
+        self._next_check = 0.0
+        self._stamp: tuple[int, int, int] | None = None
+        self._ids: frozenset[str] = frozenset()
+
+    async def is_revoked(self, key_id: str) -> bool:
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self._recheck
+            self._refresh()
+        return key_id in self._ids
+
+    def _refresh(self) -> None:
+        # Small file, read only when it changed: cheaper inline than a thread hop per check.
+        try:
+            stat = os.stat(self.path)
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            if stamp != self._stamp:
+                lines = self.path.read_text().splitlines()
+                self._ids = frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+                self._stamp = stamp
+        except FileNotFoundError:
+            self._ids, self._stamp = frozenset(), None
+        except OSError as exc:
+            log.warning("cannot read revocation list %s (%s); keeping the last one read", self.path, exc.strerror)
+
+    async def revoke(self, key_id: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One short O_APPEND write per revocation: concurrent writers do not interleave lines.
+        with open(self.path, "a") as file:
+            file.write(key_id + "\n")
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisRevocations:
+    """One Redis key per revoked id; lookups bounded by a timeout and cached briefly.
+
+    A revoked id stays cached for good (revocation is final); a clean one for `cache_seconds`.
+    When Redis cannot answer in time the key is admitted: a Redis outage must not stop the
+    gateway, and ids already seen revoked stay refused. Calls go through the project's
+    `Detached` runner and `FaultGate` (see cache/remote.py for why no pooled call is cancelled).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        timeout: float,
+        counters: RedisCounters | None = None,
+        cache_seconds: float = 2.0,
+        max_cached: int = 10_000,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._prefix = prefix + "revoked:"
+        self._calls = Detached(timeout)
+        self.gate = FaultGate("revocation", counters=counters)
+        self._cache_seconds = cache_seconds
+        self._max_cached = max_cached
+        self._clock = clock
+        self._cache: dict[str, tuple[bool, float]] = {}
+
+    async def is_revoked(self, key_id: str) -> bool:
+        now = self._clock()
+        cached = self._cache.get(key_id)
+        if cached is not None and (cached[0] or cached[1] > now):
+            return cached[0]
+        if not self.gate.open():
+            return cached is not None and cached[0]
+        try:
+            revoked = bool(await self._calls(self._client.exists(self._prefix + key_id)))
+        except BACKEND_ERRORS as exc:
+            self.gate.failed(exc)
+            return False
+        self.gate.succeeded()
+        if len(self._cache) >= self._max_cached:
+            del self._cache[next(iter(self._cache))]
+        self._cache[key_id] = (revoked, now + self._cache_seconds)
+        return revoked
+
+    async def revoke(self, key_id: str) -> None:
+        await self._calls(self._client.set(self._prefix + key_id, str(int(time.time()))))
+
+    async def close(self) -> None:
+        await self._calls.drain()
+        await self._client.aclose(close_connection_pool=True)
+
+
+def open_revocations(settings: Settings, counters: RedisCounters | None = None) -> RevocationList:
+    """The revocation list `auth.revocation` names: `file` (under data_dir) or a `redis://` URL.
+
+    Redis lookups use the rate limiter's timeout, pool size and key prefix.
+    """
+    where, limits = settings.auth.revocation, settings.ratelimit
+    if where == "file":
+        return FileRevocations(settings.data_dir / "revoked_keys")
+    if where.startswith(("redis://", "rediss://")):
+        client = open_redis(where, limits.timeout_seconds, limits.max_connections)
+        return RedisRevocations(client, prefix=limits.key_prefix, timeout=limits.timeout_seconds, counters=counters)
+    raise SettingsError(f"auth.revocation must be 'file' or a redis:// URL, got {where!r}")
+
+
+def _looks_like_jwt(token: str) -> bool:
+    return token.startswith("eyJ") and token.count(".") == 2
+
+
+class Authenticate:
+    """The authenticate stage: verify a gateway key when one is sent (or required); fill `ex.identity`.
+
+    The key comes from `Helicone-Auth: Bearer …`, or from `Authorization: Bearer …` when the
+    target injects the provider's key (the client's Authorization is then free to carry the
+    gateway key, and is never forwarded). Without `auth.required`, an Authorization value
+    that is not JWT-shaped is taken for a placeholder the SDK insists on, and ignored.
+
+    `Helicone-User-Id` names the end user only if the key allows it (`user_override`) or
+    repeats the key's own user; otherwise the request is refused with 403, so a key bound
+    to a user cannot spend or log as someone else.
+    """
+
+    def __init__(self, auth: AuthSettings, verifier: KeyVerifier | None, revocations: RevocationList) -> None:
+        if auth.required and verifier is None:
+            raise SettingsError("auth.required needs key material: auth.jwt_secret or a public key file")
+        self._required = auth.required
+        self._verifier = verifier
+        self._revocations = revocations
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
+        token = self._token(ex)
+        if token is not None:
+            assert self._verifier is not None
+            identity = self._verifier.verify(token)
+            if await self._revocations.is_revoked(identity.key_id):
+                raise refused("the key has been revoked", "key_revoked")
+            ex.identity = identity
+        elif self._required:
+            raise refused("a gateway key is required (send Helicone-Auth: Bearer <key>)", "missing_key")
+        requested = ex.options.user_id
+        if requested and requested != ex.identity.user_id:
+            if not ex.identity.user_override:
+                raise GatewayError(
+                    403,
+                    "This gateway key does not allow Helicone-User-Id to name another user",
+                    param="Helicone-User-Id",
+                    code="user_override_not_allowed",
+                )
+            ex.identity.user_id = requested
+        return await call_next(ex)
+
+    def _token(self, ex: Exchange) -> str | None:
+        if self._verifier is None:
+            return None  # no key material: this gateway takes no keys, so there is nothing to check
+        if ex.options.auth_token is not None:
+            return ex.options.auth_token
+        if ex.route.target.api_key is None:
+            return None  # the client's Authorization is its provider key: not ours to read
+        scheme, _, token = ex.request.headers.get("Authorization", "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        return token if self._required or _looks_like_jwt(token) else None

@@ -1,0 +1,408 @@
+"""LogBatcher: request records to the store in batches, off the request path, never lost silently.
+
+`submit(record)` is synchronous and O(1): it appends to a bounded in-memory queue and returns.
+One loop flushes a batch when `batch_rows` rows are waiting or `flush_seconds` after the batch's
+first row, whichever comes first. A batch the store does not take goes to the on-disk spool at
+once, so the queue never stalls behind a dead ClickHouse; while the store is down (or its
+`prepare` step, the migrations, has not yet succeeded) batches go straight to the spool. A
+replay task sends spooled batches oldest first, with exponential backoff, and deletes each only
+after its insert succeeded; the first success marks the store back up. Delivery is at least
+once and counts stay exact: each batch keeps the insert deduplication token it was first sent
+with, and the table is a ReplacingMergeTree keyed on request_id. Until its parts merge, a row
+may exist twice: count with `FINAL` or `uniqExact(request_id)`, never a bare `count()`.
+
+Drop policy (every dropped row is counted in `stats.rows_dropped` and logged once per episode):
+  - queue full: `submit` returns False when `queue_max_rows` rows are waiting (the store and the
+    spool both fell behind), or once `close()` has finished;
+  - spool full: a batch that would push the spool past `spool_max_bytes` (or that the disk
+    refuses) is dropped whole.
+A batch the store keeps refusing for its content (not for being unreachable) for `reject_after`
+seconds, while the store answers pings, is moved to `spool/rejected/` and counted in
+`rows_rejected`; an operator can move it back to `spool/` to replay it.
+
+Crash window: rows are safe once inserted or once their spool file is fsynced. A kill -9 loses
+at most the rows still in memory: the queue plus the batch being written, normally the last
+`flush_seconds` of traffic, more only while an insert is slow (never more than
+`queue_max_rows` + `batch_rows`). `close()` drains the queue to the store, or to the spool when
+the store fails or `timeout` runs out. The spool a previous run left is replayed after `start()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from clickhouse_connect.driver.exceptions import OperationalError
+
+from ..settings import LogSettings
+from .record import LogRecord, Row
+from .spool import Spool
+from .store import LogStore
+
+log = logging.getLogger("edgeproxy.logs")
+
+T = TypeVar("T")
+
+# A refused batch is tried at least this often before it may be rejected.
+MIN_REFUSALS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class LogStats:
+    """A snapshot of the batcher's counters, for the metrics module."""
+
+    queue_depth: int
+    rows_written: int
+    rows_spooled: int
+    rows_replayed: int
+    rows_dropped: int
+    rows_dropped_queue_full: int
+    rows_dropped_spool_full: int
+    rows_rejected: int
+    spool_bytes: int
+    flush_seconds_last: float
+    failures: int
+    store_up: bool
+
+
+class LogBatcher:
+    """Batches LogRecords into a LogStore, spilling to a Spool when the store fails.
+
+    Call `submit` from the event loop's thread only. Usage::
+
+        store = open_log_store(s, data_dir)
+        spool = Spool(data_dir / "spool", s.spool_max_bytes)
+        batcher = LogBatcher(store, spool, s, prepare=lambda: migrate(store, ttl_days=s.ttl_days))
+        await batcher.start()       # returns at once, even while ClickHouse is down
+        batcher.submit(record)      # per request, in the pipeline's `finally`
+        await batcher.close(timeout=5.0)
+        await store.close()
+    """
+
+    def __init__(
+        self,
+        store: LogStore,
+        spool: Spool,
+        settings: LogSettings,
+        *,
+        prepare: Callable[[], Awaitable[object]] | None = None,
+        retry_initial: float = 0.1,
+        retry_max: float = 5.0,
+        reject_after: float = 60.0,
+        on_flush: Callable[[float], None] | None = None,
+    ) -> None:
+        self._on_flush = on_flush
+        self.store = store
+        self.spool = spool
+        # Run (and retried) by the replay task before any insert, e.g. the migrations: the
+        # gateway starts while ClickHouse is down, and batches spool until the table exists.
+        self._prepare = prepare
+        self._prepared = prepare is None
+        self._batch_rows = max(1, settings.batch_rows)
+        self._flush_seconds = settings.flush_seconds
+        self._max_rows = settings.queue_max_rows
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._reject_after = reject_after
+        self._rows: deque[LogRecord] = deque()
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._spooled = asyncio.Event()
+        self._accepting = True
+        self._closing = False
+        self._closed = False
+        self._down = False
+        # Spool files are written and read on their own thread, never behind a hung insert.
+        self._disk = ThreadPoolExecutor(1, thread_name_prefix="edgeproxy-logs-spool")
+        self._flush_task: asyncio.Task[None] | None = None
+        self._replay_task: asyncio.Task[None] | None = None
+        self._inflight: tuple[str, list[Row]] | None = None
+        # (spool file, first refusal, refusals) for the batch the store keeps refusing.
+        self._refused: tuple[Path, float, int] | None = None
+        self._warned_queue = False
+        self._warned_spool = False
+        self._written = 0
+        self._spooled_rows = 0
+        self._replayed = 0
+        self._dropped_queue = 0
+        self._dropped_spool = 0
+        self._rejected = 0
+        self._failures = 0
+        self._flush_last = 0.0
+
+    @property
+    def stats(self) -> LogStats:
+        return LogStats(
+            queue_depth=len(self._rows),
+            rows_written=self._written,
+            rows_spooled=self._spooled_rows,
+            rows_replayed=self._replayed,
+            rows_dropped=self._dropped_queue + self._dropped_spool,
+            rows_dropped_queue_full=self._dropped_queue,
+            rows_dropped_spool_full=self._dropped_spool,
+            rows_rejected=self._rejected,
+            spool_bytes=self.spool.used_bytes,
+            flush_seconds_last=self._flush_last,
+            failures=self._failures,
+            store_up=self._prepared and not self._down,
+        )
+
+    def submit(self, record: LogRecord) -> bool:
+        """Queue a record for the log; False (counted, never raised) when the queue is full or closed."""
+        rows = self._rows
+        if len(rows) >= self._max_rows or not self._accepting:
+            self._dropped_queue += 1
+            if not self._warned_queue:
+                self._warned_queue = True
+                log.warning("request log queue is full (%d rows): dropping records", len(rows))
+            return False
+        rows.append(record)
+        if len(rows) == 1:
+            self._arrived.set()
+        if len(rows) >= self._batch_rows:
+            self._full.set()
+        return True
+
+    async def start(self) -> None:
+        """Start flushing, and replay any spool a previous run left behind."""
+        await self._disk_call(self.spool.recover)
+        self._flush_task = asyncio.create_task(self._flush_loop(), name="edgeproxy-logs-flush")
+        self._replay_task = asyncio.create_task(self._replay_loop(), name="edgeproxy-logs-replay")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Drain the queue into the store (or the spool) and stop; spools what is left at `timeout`."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._closing = True
+        self._arrived.set()
+        self._full.set()
+        # Replays resume at the next start; stopping them frees the store for the drain.
+        await _cancel(self._replay_task)
+        if self._flush_task is not None:
+            await asyncio.wait({self._flush_task}, timeout=max(0.0, deadline - loop.time()))
+            if not self._flush_task.done():
+                await _cancel(self._flush_task)
+        self._accepting = False
+        leftover: list[tuple[str, list[Row]]] = []
+        if self._inflight is not None:
+            # Maybe half sent: the spool copy keeps its token, so the server drops a duplicate.
+            leftover.append(self._inflight)
+            self._inflight = None
+        while self._rows:
+            leftover.append((uuid.uuid4().hex, self._rows_of(self._take())))
+        for token, rows in leftover:
+            await self._to_spool(token, rows)
+        await self._disk_call(self.spool.close)
+        self._disk.shutdown(wait=False)
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._rows:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            deadline = loop.time() + self._flush_seconds
+            while len(self._rows) < self._batch_rows and not self._closing:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._full.clear()
+                try:
+                    await asyncio.wait_for(self._full.wait(), remaining)
+                except TimeoutError:
+                    break
+            try:
+                await self._write(self._take())
+            except Exception:
+                # A bug, not the store (its failures are handled below): keep flushing the rest.
+                self._failures += 1
+                log.exception("request log flush failed")
+
+    def _take(self) -> list[LogRecord]:
+        rows = self._rows
+        batch = [rows.popleft() for _ in range(min(self._batch_rows, len(rows)))]
+        if len(rows) < self._max_rows // 2:
+            self._warned_queue = False
+        return batch
+
+    def _rows_of(self, records: Sequence[LogRecord]) -> list[Row]:
+        return [record.to_row() for record in records]
+
+    async def _write(self, records: list[LogRecord]) -> None:
+        started = time.perf_counter()
+        token, rows = uuid.uuid4().hex, self._rows_of(records)
+        # Left set if this task is cancelled, so close() spools the batch rather than losing it.
+        self._inflight = (token, rows)
+        written = False
+        if self._prepared and not self._down:
+            try:
+                await self.store.insert(rows, token)
+                written = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the store raised, the batch goes to the spool
+                self._failures += 1
+                self._mark_down(exc)
+        if written:
+            self._written += len(rows)
+        else:
+            await self._to_spool(token, rows)
+        self._inflight = None
+        self._flush_last = time.perf_counter() - started
+        if self._on_flush is not None:
+            self._on_flush(self._flush_last)
+
+    async def _to_spool(self, token: str, rows: list[Row]) -> None:
+        try:
+            kept = await self._disk_call(self.spool.write, token, rows)
+        except Exception as exc:  # noqa: BLE001 - a failing disk drops the batch, counted below
+            kept = False
+            log.error("request log spool write failed: %s", exc)
+        if kept:
+            self._spooled_rows += len(rows)
+            self._warned_spool = False
+            self._spooled.set()
+            return
+        self._dropped_spool += len(rows)
+        if not self._warned_spool:
+            self._warned_spool = True
+            log.warning(
+                "request log spool is full (%d of %d bytes) or failing: dropping batches",
+                self.spool.used_bytes,
+                self.spool.max_bytes,
+            )
+
+    async def _replay_loop(self) -> None:
+        backoff = self._retry_initial
+        while True:
+            # Cleared before looking, so a batch spooled meanwhile still wakes the next wait.
+            self._spooled.clear()
+            try:
+                landed = await self._replay_step()
+            except Exception:
+                # A disk error or a bug: the files stay, so try again later rather than stop replaying.
+                self._failures += 1
+                log.exception("request log spool replay failed")
+                landed = False
+            if landed is None:
+                await self._spooled.wait()
+            elif landed:
+                backoff = self._retry_initial
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._retry_max)
+
+    async def _replay_step(self) -> bool | None:
+        """One pass: True when the store took something, False to back off, None when idle."""
+        if not self._prepared:
+            return await self._prepare_store()
+        segments = await self._disk_call(self.spool.segments)
+        if segments:
+            return await self._replay(segments)
+        if self._down:
+            # Nothing to replay (the spool dropped it): probe the store instead.
+            if not await self.store.ping():
+                return False
+            self._mark_up()
+            return True
+        return None
+
+    async def _prepare_store(self) -> bool:
+        assert self._prepare is not None
+        try:
+            await self._prepare()
+        except Exception as exc:  # noqa: BLE001 - retried with backoff; batches spool meanwhile
+            self._failures += 1
+            self._mark_down(exc)
+            return False
+        self._prepared = True
+        self._mark_up()
+        return True
+
+    async def _replay(self, segments: list[Path]) -> bool:
+        """Send spooled batches oldest first; False at the first the store does not take, or if none was free."""
+        handled = 0
+        for path in segments:
+            batch = await self._disk_call(self.spool.read, path)
+            if batch is None:
+                continue  # another worker's, or gone
+            handled += 1
+            try:
+                if batch.rows:
+                    await self.store.insert(batch.rows, batch.token)
+            except asyncio.CancelledError:
+                raise  # the file stays for the next run; spool.close() frees its lock
+            except Exception as exc:  # noqa: BLE001 - the file stays until the store takes it
+                self._failures += 1
+                if await self._should_reject(path, exc):
+                    await self._disk_call(self.spool.reject, batch)
+                    self._rejected += len(batch.rows)
+                    log.error("request log: store keeps refusing %s (%s); moved to rejected/", path.name, exc)
+                    continue
+                await self._disk_call(self.spool.release, batch)
+                self._mark_down(exc)
+                return False
+            self._refused = None
+            await self._disk_call(self.spool.delete, batch)
+            self._replayed += len(batch.rows)
+            self._mark_up()
+        return handled > 0
+
+    async def _should_reject(self, path: Path, exc: Exception) -> bool:
+        """True when the store answers yet refused this batch for `reject_after` seconds and a few tries."""
+        if isinstance(exc, OperationalError):
+            self._refused = None  # unreachable, not refusing
+            return False
+        now = time.monotonic()
+        if self._refused is None or self._refused[0] != path:
+            self._refused = (path, now, 0)
+        first, count = self._refused[1], self._refused[2] + 1
+        self._refused = (path, first, count)
+        if count < MIN_REFUSALS or now - first < self._reject_after:
+            return False
+        if not await self.store.ping():
+            return False
+        self._refused = None
+        return True
+
+    def _mark_down(self, exc: Exception) -> None:
+        if not self._down:
+            self._down = True
+            log.warning(
+                "request log store %s is failing (%s); spooling batches to %s until it takes one again",
+                self.store.name,
+                exc,
+                self.spool.directory,
+            )
+
+    def _mark_up(self) -> None:
+        if self._down:
+            self._down = False
+            log.warning("request log store %s is back; writing directly again", self.store.name)
+
+    async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

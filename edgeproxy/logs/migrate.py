@@ -1,0 +1,175 @@
+"""Schema migrations: numbered SQL files in `schema/`, applied once each, in order, per table.
+
+Each file is a `string.Template` (`${database}`, `${table}`, `${engine}`, `${on_cluster}`,
+`${ttl}`, `${settings}`) of `;`-separated statements, each idempotent (`IF NOT EXISTS`) so a
+crash between a statement and its bookkeeping row is harmless. `<database>.schema_migrations`
+records what ran for which table. The TTL follows `ttl_days` on every run, not only at creation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from ..settings import LogSettings, Settings
+from .store import IDENTIFIER, LogStore, open_log_store
+
+SCHEMA_DIR = Path(__file__).with_name("schema")
+
+# Part-level dedup: a spooled batch replayed with the insert token it was first sent with is
+# dropped by the server even before ReplacingMergeTree merges.
+LOCAL_SETTINGS = (
+    "index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 1000"
+)
+# Replicated tables deduplicate inserts by default (replicated_deduplication_window).
+REPLICATED_SETTINGS = "index_granularity = 8192, ttl_only_drop_parts = 1"
+
+MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS ${database}.schema_migrations ${on_cluster}
+(
+    table_name String,
+    name String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+)
+ENGINE = ${engine}
+ORDER BY (table_name, name)
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    template: str
+
+    def statements(self, **values: str) -> list[str]:
+        """The rendered statements, comments dropped, one per `;`."""
+        text = Template(self.template).substitute(values)
+        lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
+        return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
+
+
+def migrations() -> list[Migration]:
+    """Every migration, in the order its numbered file name gives."""
+    return [Migration(path.stem, path.read_text()) for path in sorted(SCHEMA_DIR.glob("[0-9]*.sql"))]
+
+
+def ttl_clause(ttl_days: int) -> str:
+    return f"TTL toDateTime(started_at) + INTERVAL {ttl_days} DAY" if ttl_days > 0 else ""
+
+
+async def migrate(store: LogStore, *, ttl_days: int | None = None) -> list[str]:
+    """Bring `store`'s database and table up to date; returns what was applied (empty when current).
+
+    `ttl_days` (settings.logs.ttl_days; 0 = keep forever) is enforced on every run; None leaves it be.
+    """
+    database, table = store.database, store.table
+    await store.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    await store.command(
+        Template(MIGRATIONS_TABLE).substitute(database=database, on_cluster="", engine="ReplacingMergeTree")
+    )
+    rows = await store.query(
+        f"SELECT name FROM {database}.schema_migrations FINAL WHERE table_name = {{t:String}}", {"t": table}
+    )
+    done = {row["name"] for row in rows}
+    applied: list[str] = []
+    for migration in migrations():
+        if migration.name in done:
+            continue
+        values = {
+            "database": database,
+            "table": table,
+            "on_cluster": "",
+            "engine": "ReplacingMergeTree",
+            "ttl": ttl_clause(ttl_days or 0),
+            "settings": LOCAL_SETTINGS,
+        }
+        for statement in migration.statements(**values):
+            await store.command(statement)
+        await store.command(
+            f"INSERT INTO {database}.schema_migrations (table_name, name) VALUES ({{t:String}}, {{n:String}})",
+            {"t": table, "n": migration.name},
+        )
+        applied.append(migration.name)
+    if ttl_days is not None and await _sync_ttl(store, ttl_days):
+        applied.append(f"ttl={ttl_days}d" if ttl_days > 0 else "ttl=off")
+    return applied
+
+
+def migrate_sync(settings: Settings) -> list[str]:
+    """For `edgeproxy migrate`: migrate the configured store (server or embedded) and close it."""
+
+    async def run() -> list[str]:
+        store = open_log_store(settings.logs, settings.data_dir)
+        try:
+            return await migrate(store, ttl_days=settings.logs.ttl_days)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+async def _sync_ttl(store: LogStore, ttl_days: int) -> bool:
+    """Make the table's TTL match `ttl_days`; True when it had to change."""
+    rows = await store.query(
+        "SELECT engine, engine_full FROM system.tables WHERE database = {d:String} AND name = {t:String}",
+        {"d": store.database, "t": store.table},
+    )
+    if not rows or not rows[0]["engine"].endswith("MergeTree"):
+        return False  # a Distributed table: its local tables carry the TTL
+    engine_full = rows[0]["engine_full"]
+    current = re.search(r"\bTTL toDateTime\(started_at\) \+ toIntervalDay\((\d+)\)", engine_full)
+    has_ttl = " TTL " in f" {engine_full} "
+    if ttl_days > 0 and not (current and int(current.group(1)) == ttl_days):
+        await store.command(f"ALTER TABLE {store.qualified} MODIFY {ttl_clause(ttl_days)}")
+        return True
+    if ttl_days <= 0 and has_ttl:
+        await store.command(f"ALTER TABLE {store.qualified} REMOVE TTL")
+        return True
+    return False
+
+
+def cluster_ddl(settings: LogSettings, cluster: str) -> str:
+    """SQL for a cluster: a replicated `<table>_local` on every shard and a Distributed `<table>` over it.
+
+    Rows shard by request_id, so a replayed row lands where its first copy did and collapses with it.
+    """
+    for what, value in (("database", settings.database), ("table", settings.table), ("cluster", cluster)):
+        if not IDENTIFIER.match(value):
+            raise ValueError(f"{what} must be a plain identifier, got {value!r}")
+    database, table, local = settings.database, settings.table, f"{settings.table}_local"
+    on_cluster = f"ON CLUSTER {cluster}"
+    out = [f"CREATE DATABASE IF NOT EXISTS {database} {on_cluster}"]
+    out.append(
+        Template(MIGRATIONS_TABLE)
+        .substitute(
+            database=database,
+            on_cluster=on_cluster,
+            engine=_replicated(database, "schema_migrations"),
+        )
+        .strip()
+    )
+    for migration in migrations():
+        values = {
+            "database": database,
+            "table": local,
+            "on_cluster": on_cluster,
+            "engine": _replicated(database, local),
+            "ttl": ttl_clause(settings.ttl_days),
+            "settings": REPLICATED_SETTINGS,
+        }
+        out.extend(migration.statements(**values))
+    out.append(
+        f"CREATE TABLE IF NOT EXISTS {database}.{table} {on_cluster} AS {database}.{local}\n"
+        f"ENGINE = Distributed({cluster}, {database}, {local}, cityHash64(request_id))"
+    )
+    names = ", ".join(m.name for m in migrations())
+    header = f"-- edgeproxy request log for cluster {cluster}; migrations: {names}\n"
+    return header + "".join(f"{statement};\n\n" for statement in out)
+
+
+def _replicated(database: str, table: str) -> str:
+    # {shard} and {replica} are the server's macros, filled per node.
+    return f"ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/{database}/{table}', '{{replica}}')"

@@ -1,0 +1,347 @@
+"""Prompt policy per app: model allowlist, parameter caps, banned input, system prompt, output guard.
+
+The app comes from the key (`ex.identity.app_id`). An app without its own `[apps.<name>]`
+section, and a request without a key, get `[apps.default]` when it is configured. A key's
+own `models` and `max_tokens` claims apply on top of its app's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .errors import GatewayError
+from .exchange import Exchange
+from .metrics import Metrics
+from .pipeline import Handler
+from .settings import AppPolicy, SettingsError
+
+DEFAULT_APP = "default"
+REDACTED = "[redacted]"
+_CHAT_PATH = "/v1/chat/completions"
+_ANTHROPIC_PATH = "/v1/messages"
+_TOKEN_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# The parts of a request body that hold the prompt: chat messages, completions, embeddings, Anthropic.
+_INPUT_FIELDS = ("messages", "prompt", "input", "system")
+
+
+def app_policy(apps: Mapping[str, AppPolicy], app_id: str) -> tuple[str, AppPolicy] | None:
+    """The policy section that governs an app: its own, else `[apps.default]`, else none."""
+    if app_id and app_id in apps:
+        return app_id, apps[app_id]
+    if DEFAULT_APP in apps:
+        return DEFAULT_APP, apps[DEFAULT_APP]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    """An AppPolicy with its patterns compiled once, at startup."""
+
+    name: str
+    policy: AppPolicy
+    banned: tuple[re.Pattern[str], ...]
+    guard: re.Pattern[str] | None
+    # A stream holds back this many characters, so a guarded phrase split across chunks is caught.
+    guard_hold: int
+
+    @classmethod
+    def compile(cls, name: str, policy: AppPolicy) -> CompiledPolicy:
+        banned = []
+        for index, pattern in enumerate(policy.banned_patterns):
+            try:
+                banned.append(re.compile(pattern, re.IGNORECASE))
+            except re.error as exc:
+                raise SettingsError(f"apps.{name}.banned_patterns[{index}] is not a valid regex: {exc}") from None
+        phrases = sorted({p for p in policy.output_guard if p}, key=len, reverse=True)
+        # Longest first, so an alternation prefers "secret plan" to "secret" at the same spot.
+        guard = re.compile("|".join(map(re.escape, phrases)), re.IGNORECASE) if phrases else None
+        return cls(name, policy, tuple(banned), guard, len(phrases[0]) - 1 if phrases else 0)
+
+
+class Police:
+    """The police stage: refuse what the policy forbids, then rewrite the prompt and guard the answer."""
+
+    def __init__(self, apps: Mapping[str, AppPolicy], metrics: Metrics) -> None:
+        self._apps = apps
+        self._metrics = metrics
+        self._compiled = {name: CompiledPolicy.compile(name, policy) for name, policy in apps.items()}
+
+    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
+        found = app_policy(self._apps, ex.identity.app_id)
+        compiled = self._compiled[found[0]] if found else None
+        identity = ex.identity
+        if compiled is None and not identity.models and identity.max_tokens is None:
+            return await call_next(ex)
+        document = ex.json() if ex.body else None
+        try:
+            self._check_model(ex, document, compiled)
+            if document is not None:
+                self._check_max_tokens(ex, document, compiled)
+                if compiled is not None:
+                    _check_banned(ex, document, compiled)
+        except GatewayError as err:
+            self._metrics.policy_blocked(err.code or "policy")
+            raise
+        if document is not None and compiled is not None:
+            _inject_system_prompt(ex, document, compiled.policy)
+        if compiled is not None and compiled.guard is not None:
+            ex.response_filter = OutputGuard(compiled.guard, compiled.guard_hold)
+        return await call_next(ex)
+
+    @staticmethod
+    def _check_model(ex: Exchange, document: dict[str, Any] | None, compiled: CompiledPolicy | None) -> None:
+        rules = [(ex.identity.models, f"key {ex.identity.key_id}")]
+        if compiled is not None:
+            rules.append((compiled.policy.models, f"apps.{compiled.name}.models"))
+        rules = [(allowed, rule) for allowed, rule in rules if allowed]
+        if not rules or not ex.body:
+            return
+        if document is None:
+            # A multipart or other non-JSON body could name any model where we cannot see it.
+            raise GatewayError(403, "A model allowlist applies, and it needs a JSON body", code="model_not_allowed")
+        wanted = [document.get("model")] + [f.model for f in ex.options.fallbacks if f.model]
+        for model in wanted:
+            if not isinstance(model, str):
+                continue
+            for allowed, rule in rules:
+                if not any(fnmatchcase(model, pattern) for pattern in allowed):
+                    raise GatewayError(
+                        403,
+                        f"Model {model!r} is not allowed by {rule} (allowed: {', '.join(allowed)})",
+                        param="model",
+                        code="model_not_allowed",
+                    )
+
+    @staticmethod
+    def _check_max_tokens(ex: Exchange, document: dict[str, Any], compiled: CompiledPolicy | None) -> None:
+        caps = [(ex.identity.max_tokens, f"key {ex.identity.key_id}")]
+        if compiled is not None:
+            caps.append((compiled.policy.max_tokens, f"apps.{compiled.name}.max_tokens"))
+        for param in _TOKEN_PARAMS:
+            value = document.get(param)
+            if not isinstance(value, int):
+                continue
+            for cap, rule in caps:
+                if cap is not None and value > cap:
+                    raise GatewayError(
+                        400, f"{param}={value} exceeds the cap of {cap} set by {rule}", param=param, code="max_tokens_exceeded"
+                    )
+
+
+def _check_banned(ex: Exchange, document: dict[str, Any], compiled: CompiledPolicy) -> None:
+    if not compiled.banned:
+        return
+    for text in input_texts(document):
+        for index, pattern in enumerate(compiled.banned):
+            if pattern.search(text):
+                ex.outcome = "blocked"
+                # The pattern's position, not the pattern: naming it would teach a client to dodge it.
+                raise GatewayError(
+                    400,
+                    f"Input refused by policy apps.{compiled.name}.banned_patterns (pattern {index})",
+                    code="policy_violation",
+                )
+
+
+def input_texts(document: dict[str, Any]) -> Iterator[str]:
+    """Every piece of prompt text in a request body (strings, text parts, message contents)."""
+    for field in _INPUT_FIELDS:
+        if field in document:
+            yield from _texts(document[field], 0)
+
+
+def _texts(value: Any, depth: int) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif depth > 8:
+        return
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item, depth + 1)
+    elif isinstance(value, dict):
+        for key in ("content", "text"):
+            if key in value:
+                yield from _texts(value[key], depth + 1)
+
+
+def _inject_system_prompt(ex: Exchange, document: dict[str, Any], policy: AppPolicy) -> None:
+    prompt = policy.system_prompt
+    if not prompt:
+        return
+    replace = policy.system_prompt_mode == "replace"
+    if ex.route.path == _CHAT_PATH and isinstance(document.get("messages"), list):
+        messages = document["messages"]
+        if replace:
+            # "developer" is the newer OpenAI name for the system role.
+            messages = [m for m in messages if not (isinstance(m, dict) and m.get("role") in ("system", "developer"))]
+        ex.replace_json({**document, "messages": [{"role": "system", "content": prompt}, *messages]})
+    elif ex.route.path == _ANTHROPIC_PATH and isinstance(document.get("messages"), list):
+        system = document.get("system")
+        if replace or not system:
+            system = prompt
+        elif isinstance(system, str):
+            system = f"{prompt}\n\n{system}"
+        elif isinstance(system, list):
+            system = [{"type": "text", "text": prompt}, *system]
+        ex.replace_json({**document, "system": system})
+
+
+class OutputGuard:
+    """Redacts guarded phrases from the text a model sends back (OpenAI and Anthropic shapes).
+
+    A whole JSON body is rewritten at once. A stream is rewritten event by event: per choice
+    the guard holds back the last `hold` characters (the longest phrase minus one), so a
+    phrase split across chunks is seen whole, and releases them with the choice's finish
+    (or the stream's end). Only message text is guarded; tool-call arguments pass as sent.
+    """
+
+    def __init__(self, pattern: re.Pattern[str], hold: int) -> None:
+        self._pattern = pattern
+        self._hold = hold
+        self._pending = b""
+        self._held: dict[tuple[str, int], str] = {}
+        self._envelope: dict[str, Any] = {}
+        self.redactions = 0
+
+    def whole(self, body: bytes) -> bytes:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if not isinstance(document, dict):
+            return body
+        changed = False
+        for holder, key in _text_slots(document):
+            redacted = self._redact(holder[key])
+            if redacted != holder[key]:
+                holder[key], changed = redacted, True
+        return orjson.dumps(document) if changed else body
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._pending = data
+            return b""
+        complete, self._pending = data[: end + 2], data[end + 2 :]
+        return b"".join(self._event(event) + b"\n\n" for event in complete.split(b"\n\n")[:-1])
+
+    def flush(self) -> bytes:
+        """The rest of a stream that ended without finishing its choices: nothing held escapes unread."""
+        rest, self._pending = self._pending, b""
+        out = self._event(rest) + b"\n\n" if rest.strip() else b""
+        return out + self._release(list(self._held))
+
+    def _event(self, event: bytes) -> bytes:
+        lines = event.split(b"\n")
+        before = b""
+        for i, line in enumerate(lines):
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                before += self._release(list(self._held))
+                continue
+            if not self._held and b'"content"' not in data and b'"text"' not in data:
+                continue  # no text in it and none held back: pass it on unparsed
+            try:
+                payload = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(payload, dict):
+                rewritten, released = self._payload(payload)
+                before += released
+                if rewritten:
+                    lines[i] = b"data: " + orjson.dumps(payload)
+        return before + b"\n".join(lines)
+
+    def _payload(self, payload: dict[str, Any]) -> tuple[bool, bytes]:
+        """Rewrite one event's text in place; return (changed, events to send before it)."""
+        if payload.get("type") == "content_block_stop":  # Anthropic: release the block before it ends
+            return False, self._release([key for key in self._held if key == ("block", payload.get("index", 0))])
+        if payload.get("type") == "content_block_delta":
+            delta = payload.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("text"), str):
+                return self._scan_slot(("block", payload.get("index", 0)), delta, "text", False), b""
+            return False, b""
+        changed = False
+        if payload.get("choices"):
+            self._envelope = {k: payload[k] for k in ("id", "object", "created", "model") if k in payload}
+        for choice in payload.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            index, final = choice.get("index", 0), choice.get("finish_reason") is not None
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                if final or isinstance(delta.get("content"), str):
+                    delta.setdefault("content", None)
+                    changed |= self._scan_slot(("delta", index), delta, "content", final)
+            elif isinstance(choice.get("text"), str):
+                changed |= self._scan_slot(("text", index), choice, "text", final)
+        return changed, b""
+
+    def _scan_slot(self, key: tuple[str, int], holder: dict[str, Any], field: str, final: bool) -> bool:
+        original = holder[field]
+        text = self._held.pop(key, "") + (original or "")
+        out, held = self._scan(text, final)
+        if held:
+            self._held[key] = held
+        if out == (original or ""):
+            if original is None:
+                del holder[field]  # a finish without text keeps its original shape
+            return False
+        holder[field] = out
+        return True
+
+    def _scan(self, text: str, final: bool) -> tuple[str, str]:
+        """Redact complete phrases; keep back a tail short enough to hold only a phrase's beginning."""
+        parts, pos = [], 0
+        for match in self._pattern.finditer(text):
+            parts += (text[pos : match.start()], REDACTED)
+            pos = match.end()
+            self.redactions += 1
+        # Any phrase not yet complete starts within the last `hold` characters.
+        cut = len(text) if final else max(pos, len(text) - self._hold)
+        parts.append(text[pos:cut])
+        return "".join(parts), text[cut:]
+
+    def _redact(self, text: str) -> str:
+        redacted, count = self._pattern.subn(REDACTED, text)
+        self.redactions += count
+        return redacted
+
+    def _release(self, keys: list[tuple[str, int]]) -> bytes:
+        """Events carrying held-back text (already scanned: it holds no complete phrase)."""
+        out = b""
+        for kind, index in keys:
+            text = self._held.pop((kind, index))
+            if kind == "block":
+                payload: dict[str, Any] = {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
+                out += b"event: content_block_delta\ndata: " + orjson.dumps(payload) + b"\n\n"
+                continue
+            choice = {"index": index, "delta": {"content": text}} if kind == "delta" else {"index": index, "text": text}
+            payload = {**self._envelope, "choices": [{**choice, "finish_reason": None}]}
+            out += b"data: " + orjson.dumps(payload) + b"\n\n"
+        return out
+
+
+def _text_slots(document: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
+    """(holder, key) of each text field of a non-streamed answer."""
+    for choice in document.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            yield message, "content"
+        if isinstance(choice.get("text"), str):
+            yield choice, "text"
+    for block in document.get("content") or ():
+        if isinstance(block, dict) and isinstance(block.get("text"), str):
+            yield block, "text"

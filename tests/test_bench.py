@@ -1,0 +1,223 @@
+"""The benchmark's own machinery: the load generator, the contenders' processes and the report (tiny runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench.compare import (
+    Check,
+    Measurement,
+    RunReport,
+    Trace,
+    area,
+    check_targets,
+    measure,
+    parse_stacks,
+    profile_summary,
+    render_markdown,
+)
+from bench.contenders import (
+    Backdrop,
+    ContenderSpec,
+    cpu_seconds,
+    render_nginx_conf,
+    rss_bytes,
+    start,
+    start_mock,
+)
+from bench.loadgen import LoadResult, Scenario, Stats, percentile, run_load
+from bench.mock_upstream import MockUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([5.0], 50, 5.0),
+        ([1.0, 2.0, 3.0, 4.0], 50, 2.0),
+        ([1.0, 2.0, 3.0, 4.0], 90, 4.0),
+        ([float(i) for i in range(1, 101)], 99, 99.0),
+        ([float(i) for i in range(1, 101)], 100, 100.0),
+        ([float(i) for i in range(1, 1001)], 50, 500.0),
+    ],
+)
+def test_percentile_is_nearest_rank(values: list[float], q: float, expected: float) -> None:
+    assert percentile(values, q) == expected
+
+
+async def test_non_streaming_run_counts_every_request(mock: MockUpstream) -> None:
+    result = await run_load(mock.url, Scenario("t", concurrency=4, requests=40, seconds=30, warmup=4))
+    assert (result.completed, result.errors) == (40, 0)
+    assert mock.stats()["requests"] == 44  # warm-up requests reach the server but are not counted
+    assert result.latency is not None and result.latency.count == 40
+    assert 0 < result.latency.p50 <= result.latency.p90 <= result.latency.p99 <= result.latency.max
+    assert result.ttfb is not None and result.ttfb.p50 <= result.latency.p50
+    assert result.rps > 0 and result.chunk_gap is None and result.statuses == {"200": 40}
+
+
+async def test_streaming_run_measures_events_and_gaps(mock: MockUpstream) -> None:
+    scenario = Scenario("s", concurrency=2, requests=6, seconds=30, stream=True, chunks=10, chunk_gap_ms=3)
+    result = await run_load(mock.url, scenario)
+    assert result.completed == 6
+    # The mock's stream: a role chunk, 10 content chunks, the finish chunk and [DONE].
+    assert result.events_per_stream == 13
+    assert result.chunk_gap is not None and result.chunk_gap.count == 6 * 12
+    # Content chunks are paced 3 ms apart by the mock; the measured gaps must show it.
+    assert result.chunk_gap.p50 >= 2.0
+
+
+async def test_run_stops_at_its_time_limit(mock: MockUpstream) -> None:
+    scenario = Scenario("slow", concurrency=2, requests=10_000, seconds=0.5, model="mock-slow-100")
+    started = time.monotonic()
+    result = await run_load(mock.url, scenario)
+    assert time.monotonic() - started < 3.0
+    assert 2 <= result.completed < 40
+
+
+async def test_failed_requests_are_errors_not_throughput(mock: MockUpstream) -> None:
+    result = await run_load(mock.url, Scenario("e", concurrency=2, requests=10, seconds=30, model="mock-error-500"))
+    assert (result.completed, result.errors, result.rps) == (0, 10, 0.0)
+    assert result.error_kinds == {"HTTP 500": 10} and result.latency is None
+
+
+async def test_loadgen_command_prints_json(mock: MockUpstream) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.loadgen", "--url", mock.url, "--scenario", "stream-c1", "--requests", "3",
+        "--seconds", "20", "--warmup", "0", "--json", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0
+    result = LoadResult.from_json(orjson.loads(out))
+    assert (result.scenario, result.completed, result.events_per_stream) == ("stream-c1", 3, 53)
+
+
+def test_scenario_steers_the_mock_through_the_model_name() -> None:
+    scenario = Scenario("x", 1, 1, 1, stream=True, chunks=50, chunk_gap_ms=5, cache=True)
+    body = orjson.loads(scenario.body())
+    assert body == {"model": "mock-model-chunks-50-gap-5", "stream": True,
+                    "messages": [{"role": "user", "content": "benchmark x"}]}
+    assert scenario.headers()["Helicone-Cache-Enabled"] == "true"
+    assert "Helicone-Cache-Enabled" not in Scenario("y", 1, 1, 1).headers()
+
+
+def test_nginx_config_is_a_streaming_keepalive_proxy(tmp_path: Path) -> None:
+    text = render_nginx_conf(tmp_path, 4321, "http://127.0.0.1:5555", 1)
+    for needle in ("listen 127.0.0.1:4321;", "server 127.0.0.1:5555;", "proxy_buffering off;", "keepalive 256;",
+                   'proxy_set_header Connection "";', f"pid {tmp_path}/nginx.pid;", "proxy_set_header Host $host;"):
+        assert needle in text
+    assert "$prefix" not in text.split("\n", 3)[3]  # only the header comment names the placeholders
+
+
+def test_contenders_run_from_a_separate_load_process(tmp_path: Path) -> None:
+    """Mock, edgeproxy and (when installed) nginx as subprocesses; measure() samples their memory and CPU."""
+    mock, mock_url = start_mock(tmp_path)
+    try:
+        assert cpu_seconds(mock.pid) > 0  # a Python process that imported aiohttp has used some CPU
+        backdrop = Backdrop(mock_url, mock.pid, None, tmp_path)
+        specs = [ContenderSpec("direct", "direct"), ContenderSpec("edgeproxy-1w", "edgeproxy")]
+        if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
+            specs.append(ContenderSpec("nginx", "nginx"))
+        for spec in specs:
+            running = start(spec, backdrop)
+            try:
+                assert rss_bytes(running.pid) > 1_000_000
+                tiny = Scenario("stream-c1", 2, 6, 20, stream=True, chunks=5, warmup=1)
+                done = measure(running, tiny, backdrop)
+                assert done.result.completed == 6, (spec.name, done.result.error_kinds)
+                assert done.result.events_per_stream is not None and done.result.events_per_stream >= 7
+                assert done.rss.samples and done.rss.peak_mb > 1 and done.client_cpu_s > 0
+            finally:
+                running.stop()
+            assert running.process is None or running.process.exited() is not None
+    finally:
+        mock.stop()
+
+
+def _stats(p50: float, p99: float) -> Stats:
+    return Stats(count=100, mean=p50, p50=p50, p90=p99, p99=p99, max=p99)
+
+
+def _measured(contender: str, scenario: str, rps: float, p50: float, p99: float, rss: float = 50.0) -> Measurement:
+    result = LoadResult(scenario, "http://127.0.0.1:1", 1, 1000, 0, 1.0, rps, _stats(p50, p99), _stats(p50, p99),
+                        None, None)
+    samples = tuple((float(t), int(rss * 2**20)) for t in range(10))
+    return Measurement(contender, scenario, result, Trace(samples), 0.5, 0.1, 0.4)
+
+
+def _report(measurements: list[Measurement], soak: Measurement | None = None) -> RunReport:
+    return RunReport("2026-01-01T00:00:00+00:00", False, {"cores": 2, "cpu": "test", "kernel": "k", "python": "3"},
+                     {"nginx": "1.22.1"}, (0.1, 0.1, 0.1), (0.2, 0.2, 0.2), tuple(measurements), soak,
+                     {"litellm": "install failed"})
+
+
+def test_targets_compare_the_gateway_with_peers_of_the_same_run() -> None:
+    report = _report([
+        _measured("direct", "c1", 2000, 0.5, 1.0),
+        _measured("edgeproxy-1w", "c1", 1000, 1.2, 5.0),  # +0.7 ms p50 (pass), +4.0 ms p99 (miss)
+        _measured("direct", "c64", 4000, 10, 20),
+        _measured("nginx", "c64", 3000, 12, 22),
+        _measured("edgeproxy-1w", "c64", 1200, 30, 60),
+        _measured("edgeproxy-1w-embedded", "c64", 1150, 31, 61),
+        _measured("edgeproxy-1w-clickhouse", "c64", 1000, 35, 70),
+    ], soak=_measured("edgeproxy-1w-soak", "c64", 1000, 30, 60))
+    verdicts = {check.target: check for check in check_targets(report)}
+    assert verdicts["added latency, non-streaming, concurrency 1, p50 ≤ 1 ms over direct"].ok is True
+    assert verdicts["added latency, non-streaming, concurrency 1, p99 ≤ 3 ms over direct"].ok is False
+    assert verdicts["throughput (c64) within 3× of nginx"] == Check(
+        "throughput (c64) within 3× of nginx", "0.40× (1200 vs 3000 req/s)", True)
+    assert verdicts["throughput (c64) ≥ 5× LiteLLM"].ok is None
+    assert "install failed" in verdicts["throughput (c64) ≥ 5× LiteLLM"].measured
+    assert verdicts["throughput (c64) with logging on (embedded) within 10% of off"].ok is True
+    assert verdicts["throughput (c64) with logging on (clickhouse) within 10% of off"].ok is False
+    assert verdicts["added time to first byte, streaming, concurrency 1, p50 ≤ 1 ms over direct"].ok is None
+    assert [c.ok for c in verdicts.values() if c.target.startswith("RSS flat")] == [True]
+
+
+def test_markdown_has_ratios_against_direct_and_each_peer() -> None:
+    report = _report([
+        _measured("direct", "c64", 4000, 10, 20),
+        _measured("nginx", "c64", 3200, 12, 22),
+        _measured("edgeproxy-1w", "c64", 1600, 30, 61),
+    ])
+    text = render_markdown(report)
+    row = next(line for line in text.splitlines() if line.startswith("| edgeproxy-1w |"))
+    # req/s, × direct, × nginx, p50, p99, +p50, +p99 vs direct
+    assert row.split(" | ")[1:8] == ["1600", "0.40", "0.50", "30.00", "61.00", "+20.00", "+41.00"]
+    assert "2 cores" in text and "nginx 1.22.1" in text and "2026-01-01" in text
+    assert "- **litellm**: install failed" in text
+
+
+@pytest.mark.parametrize(
+    ("sizes", "drift"),
+    [
+        ([100] * 10, 0.0),
+        ([50, 80] + [100] * 8, 0.0),  # growth during warm-up is not drift
+        ([100, 100, 100, 100, 105, 110, 115, 120, 120, 120], 0.2),
+    ],
+)
+def test_memory_drift_ignores_warm_up(sizes: list[int], drift: float) -> None:
+    trace = Trace(tuple((float(t), size * 2**20) for t, size in enumerate(sizes)))
+    assert trace.drift == pytest.approx(drift)
+
+
+def test_profile_summary_attributes_samples_to_areas() -> None:
+    raw = "\n".join([
+        "main (bench/x.py:1);handle (edgeproxy/pipeline.py:43);_send (edgeproxy/upstream.py:141) 6",
+        "main (bench/x.py:1);_writelines (aiohttp/http_writer.py:90) 3",
+        "main (bench/x.py:1);ClientSession._request (aiohttp/client.py:700) 1",
+        "garbage line",
+    ])
+    assert sum(parse_stacks(raw).values()) == 10
+    assert [area(p) for p in ("edgeproxy/upstream.py", "aiohttp/client.py", "aiohttp/web.py", "asyncio/tasks.py")] \
+        == ["edgeproxy", "aiohttp client", "aiohttp server/http", "asyncio"]
+    text = profile_summary("c64", raw, _measured("edgeproxy-1w", "c64", 1000, 1, 2))
+    assert "| edgeproxy | 60.0% |" in text and "| aiohttp server/http | 30.0% |" in text
+    assert "| `handle (edgeproxy/pipeline.py)` | 60.0% |" in text
