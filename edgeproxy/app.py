@@ -23,6 +23,7 @@ from .pipeline import Intake, chain, gateway_handler
 from .policy import Police
 from .pricing import PriceTable
 from .ratelimit import PolicyBook, RateLimitStage, open_windows
+from .routing import Router
 from .settings import Settings
 from .upstream import Forwarder, Upstreams
 
@@ -77,7 +78,7 @@ def create_app(settings: Settings) -> web.Application:
             app[BUDGETS],
             app[CACHE],
         ],
-        Forwarder(settings, app[UPSTREAMS]),
+        Forwarder(settings, app[UPSTREAMS], Router(settings.routes), metrics),
     )
     handler = gateway_handler(pipeline)
     app.router.add_get("/healthz", _healthz)

@@ -8,6 +8,7 @@ below narrow what it may do. Verification pins the configured algorithm, so neit
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -136,34 +137,36 @@ class KeyVerifier:
                 leeway=self._auth.leeway_seconds,
             )
         except jwt.PyJWTError as exc:
-            reason, code = next(((r, c) for kind, r, c in _REASONS if isinstance(exc, kind)), ("invalid key", "invalid_key"))
+            reason, code = next(
+                ((r, c) for kind, r, c in _REASONS if isinstance(exc, kind)), ("invalid key", "invalid_key")
+            )
             raise refused(reason, code) from None
         try:
             return identity_from_claims(claims)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError):
             raise refused("the key's claims are malformed", "malformed_claims") from None
 
 
 def identity_from_claims(claims: dict[str, Any]) -> Identity:
-    """Map verified claims onto an Identity; a claim of the wrong type raises ValueError."""
+    """Map verified claims onto an Identity; a claim of the wrong type raises TypeError or ValueError."""
     models = claims.get("models", [])
     budget = claims.get("budget")
     max_tokens = claims.get("max_tokens")
     if not (isinstance(claims["sub"], str) and isinstance(claims["jti"], str)):
-        raise ValueError("sub and jti must be strings")
+        raise TypeError("sub and jti must be strings")
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-        raise ValueError("models must be a list of strings")
+        raise TypeError("models must be a list of strings")
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
-        raise ValueError("max_tokens must be an integer")
+        raise TypeError("max_tokens must be an integer")
     budget_usd, period = None, "month"
     if budget is not None:
         if not isinstance(budget, dict) or budget.get("period", "month") not in PERIODS:
-            raise ValueError("budget must be {usd, period}")
+            raise TypeError("budget must be {usd, period}")
         budget_usd, period = float(budget["usd"]), budget.get("period", "month")
     rate_limit = claims.get("rate_limit")
     user = claims.get("user", "")
     if not isinstance(user, str) or not (rate_limit is None or isinstance(rate_limit, str)):
-        raise ValueError("user and rate_limit must be strings")
+        raise TypeError("user and rate_limit must be strings")
     return Identity(
         app_id=claims["sub"],
         key_id=claims["jti"],
@@ -266,14 +269,21 @@ class FileRevocations:
             stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
             if stamp != self._stamp:
                 lines = self.path.read_text().splitlines()
-                self._ids = frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+                self._ids = frozenset(
+                    line.strip() for line in lines if line.strip() and not line.startswith("#")
+                )
                 self._stamp = stamp
         except FileNotFoundError:
             self._ids, self._stamp = frozenset(), None
         except OSError as exc:
-            log.warning("cannot read revocation list %s (%s); keeping the last one read", self.path, exc.strerror)
+            log.warning(
+                "cannot read revocation list %s (%s); keeping the last one read", self.path, exc.strerror
+            )
 
     async def revoke(self, key_id: str) -> None:
+        await asyncio.to_thread(self._append, key_id)
+
+    def _append(self, key_id: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One short O_APPEND write per revocation: concurrent writers do not interleave lines.
         with open(self.path, "a") as file:
@@ -348,7 +358,9 @@ def open_revocations(settings: Settings, counters: RedisCounters | None = None) 
         return FileRevocations(settings.data_dir / "revoked_keys")
     if where.startswith(("redis://", "rediss://")):
         client = open_redis(where, limits.timeout_seconds, limits.max_connections)
-        return RedisRevocations(client, prefix=limits.key_prefix, timeout=limits.timeout_seconds, counters=counters)
+        return RedisRevocations(
+            client, prefix=limits.key_prefix, timeout=limits.timeout_seconds, counters=counters
+        )
     raise SettingsError(f"auth.revocation must be 'file' or a redis:// URL, got {where!r}")
 
 
@@ -359,10 +371,11 @@ def _looks_like_jwt(token: str) -> bool:
 class Authenticate:
     """The authenticate stage: verify a gateway key when one is sent (or required); fill `ex.identity`.
 
-    The key comes from `Helicone-Auth: Bearer …`, or from `Authorization: Bearer …` when the
-    target injects the provider's key (the client's Authorization is then free to carry the
-    gateway key, and is never forwarded). Without `auth.required`, an Authorization value
-    that is not JWT-shaped is taken for a placeholder the SDK insists on, and ignored.
+    The key comes from `Helicone-Auth: Bearer …`, or, when the target injects the provider's
+    key, from the header the client's SDK sends its api_key in (`Authorization: Bearer …`,
+    `x-api-key`, `api-key`): those are then free to carry the gateway key, and are never
+    forwarded. Without `auth.required`, a value there that is not JWT-shaped is taken for a
+    placeholder the SDK insists on, and ignored.
 
     `Helicone-User-Id` names the end user only if the key allows it (`user_override`) or
     repeats the key's own user; otherwise the request is refused with 403, so a key bound
@@ -404,9 +417,11 @@ class Authenticate:
         if ex.options.auth_token is not None:
             return ex.options.auth_token
         if ex.route.target.api_key is None:
-            return None  # the client's Authorization is its provider key: not ours to read
-        scheme, _, token = ex.request.headers.get("Authorization", "").strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return None
-        return token if self._required or _looks_like_jwt(token) else None
+            return None  # the client's credential headers carry its provider key: not ours to read
+        headers = ex.request.headers
+        scheme, _, bearer = headers.get("Authorization", "").strip().partition(" ")
+        # Whichever header the client's SDK puts its api_key in: OpenAI's, Anthropic's or Azure's.
+        token = (bearer.strip() if scheme.lower() == "bearer" else "") or headers.get(
+            "x-api-key", headers.get("api-key", "")
+        ).strip()
+        return token if token and (self._required or _looks_like_jwt(token)) else None

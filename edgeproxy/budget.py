@@ -172,7 +172,11 @@ def open_ledger(settings: Settings, counters: RedisCounters | None = None) -> Sp
 
 class CostModel(Protocol):
     def cost_usd(
-        self, model: str, prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None = None
+        self,
+        model: str,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        cached_tokens: int | None = None,
     ) -> float | None: ...
 
 
@@ -193,7 +197,12 @@ class Budgets:
     """
 
     def __init__(
-        self, settings: Settings, ledger: SpendLedger, prices: CostModel, metrics: Metrics, clock: Clock = time.time
+        self,
+        settings: Settings,
+        ledger: SpendLedger,
+        prices: CostModel,
+        metrics: Metrics,
+        clock: Clock = time.time,
     ) -> None:
         self._apps = settings.apps
         self._fail_open = settings.ratelimit.fail_open
@@ -217,7 +226,14 @@ class Budgets:
         identity = ex.identity
         caps = []
         if identity.budget_usd is not None:
-            caps.append(Cap(f"key:{identity.key_id}", f"key {identity.key_id}", identity.budget_usd, identity.budget_period))
+            caps.append(
+                Cap(
+                    f"key:{identity.key_id}",
+                    f"key {identity.key_id}",
+                    identity.budget_usd,
+                    identity.budget_period,
+                )
+            )
         name, policy = app_policy(self._apps, identity.app_id) or ("", None)
         if policy is not None and policy.budget_usd is not None:
             caps.append(Cap(f"app:{name}", f"app {name!r}", policy.budget_usd, policy.budget_period))
@@ -230,7 +246,9 @@ class Budgets:
             spent = await asyncio.gather(*(self._ledger.spent(cap.scope, window) for cap, window in windows))
         except LedgerUnavailable:
             if not self._fail_open:
-                raise GatewayError(503, "Budget store unavailable", type="gateway_error", code="budget_unavailable")
+                raise GatewayError(
+                    503, "Budget store unavailable", type="gateway_error", code="budget_unavailable"
+                )
             return Admission(windows)  # the ledger's FaultGate has counted and logged it
         remaining = min(cap.limit_usd - used for (cap, _), used in zip(windows, spent))
         for (cap, window), used in zip(windows, spent):
@@ -259,7 +277,9 @@ class Budgets:
         usage = ex.usage
         if usage.prompt_tokens is None or ex.cache_status == "HIT":
             return
-        cost = self._prices.cost_usd(ex.model, usage.prompt_tokens, usage.completion_tokens or 0, usage.cached_tokens)
+        cost = self._prices.cost_usd(
+            ex.model, usage.prompt_tokens, usage.completion_tokens or 0, usage.cached_tokens
+        )
         amount = (cost or 0.0) - admission.reserved_usd
         if amount == 0.0:
             return

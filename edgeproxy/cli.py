@@ -63,7 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgeproxy: configuration error: {exc}", file=sys.stderr)
         return 2
     run: Command = args.run
-    return run(args, settings)
+    try:
+        return run(args, settings)
+    except SettingsError as exc:  # found while opening resources, e.g. an unreadable key file
+        print(f"edgeproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

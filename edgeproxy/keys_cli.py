@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import re
 import sys
 import time
@@ -23,9 +24,10 @@ from typing import Any
 import orjson
 
 from .auth import KEY_ID, PERIODS, KeyGrant, KeyIssuer, KeyVerifier, open_revocations
+from .cache.remote import BACKEND_ERRORS
 from .errors import GatewayError
 from .options import parse_rate_limit_policy
-from .settings import Settings, SettingsError
+from .settings import Settings
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -38,15 +40,23 @@ def add_keys_command(commands: Any) -> None:
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
 
     issue = actions.add_parser("issue", help="print a new signed key")
-    issue.add_argument("--app", required=True, help="the tenant the key belongs to (its [apps.<name>] policy)")
+    issue.add_argument(
+        "--app", required=True, help="the tenant the key belongs to (its [apps.<name>] policy)"
+    )
     issue.add_argument("--user", help="bind the key to one end user")
     issue.add_argument("--models", type=_models, default=(), help="comma-separated allowlist; * wildcards")
     issue.add_argument("--budget-usd", type=_budget, help="spend cap, e.g. 50/month, 5/day, 20/week")
-    issue.add_argument("--rate-limit", type=_rate_limit, help="e.g. '1000;w=3600' (Helicone-RateLimit-Policy syntax)")
-    issue.add_argument("--max-tokens", type=int, help="cap on max_tokens per request")
-    issue.add_argument("--expires", type=_duration, default=_duration("90d"), help="lifetime: 30m, 12h, 90d, 2w")
     issue.add_argument(
-        "--allow-user-override", action="store_true", help="let Helicone-User-Id name the end user per request"
+        "--rate-limit", type=_rate_limit, help="e.g. '1000;w=3600' (Helicone-RateLimit-Policy syntax)"
+    )
+    issue.add_argument("--max-tokens", type=int, help="cap on max_tokens per request")
+    issue.add_argument(
+        "--expires", type=_duration, default=_duration("90d"), help="lifetime: 30m, 12h, 90d, 2w"
+    )
+    issue.add_argument(
+        "--allow-user-override",
+        action="store_true",
+        help="let Helicone-User-Id name the end user per request",
     )
     issue.set_defaults(run=_issue)
 
@@ -54,12 +64,16 @@ def add_keys_command(commands: Any) -> None:
     revoke.add_argument("key_id", type=_key_id)
     revoke.set_defaults(run=_revoke)
 
-    inspect = actions.add_parser("inspect", help="verify a key (or '-' to read it from stdin) and print its claims")
+    inspect = actions.add_parser(
+        "inspect", help="verify a key (or '-' to read it from stdin) and print its claims"
+    )
     inspect.add_argument("key")
     inspect.set_defaults(run=_inspect)
 
     for action in (issue, revoke, inspect):
-        action.add_argument("--data-dir", help="where the file revocation list lives (env EDGEPROXY_DATA_DIR)")
+        action.add_argument(
+            "--data-dir", help="where the file revocation list lives (env EDGEPROXY_DATA_DIR)"
+        )
 
 
 def _issue(args: argparse.Namespace, settings: Settings) -> int:
@@ -75,11 +89,7 @@ def _issue(args: argparse.Namespace, settings: Settings) -> int:
         allow_user_override=args.allow_user_override,
         lifetime_seconds=args.expires,
     )
-    try:
-        key, key_id = KeyIssuer(settings.auth).issue(grant)
-    except SettingsError as exc:
-        print(f"edgeproxy: cannot issue keys: {exc}", file=sys.stderr)
-        return 2
+    key, key_id = KeyIssuer(settings.auth).issue(grant)  # main() reports a SettingsError
     print(key)
     expires = datetime.fromtimestamp(time.time() + args.expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     print(f"key id {key_id} for app {args.app!r}, expires {expires}", file=sys.stderr)
@@ -94,8 +104,14 @@ def _revoke(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await revocations.close()
 
-    asyncio.run(revoke())
-    print(f"revoked {args.key_id} in {settings.auth.revocation}", file=sys.stderr)
+    try:
+        asyncio.run(revoke())
+    except BACKEND_ERRORS as exc:
+        print(f"edgeproxy: could not revoke {args.key_id}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    # The Redis URL may hold a password: name the kind of list, not the URL.
+    where = settings.data_dir / "revoked_keys" if settings.auth.revocation == "file" else "the Redis list"
+    print(f"revoked {args.key_id} in {where}", file=sys.stderr)
     return 0
 
 
@@ -103,11 +119,10 @@ def _inspect(args: argparse.Namespace, settings: Settings) -> int:
     key = sys.stdin.readline().strip() if args.key == "-" else args.key
     try:
         identity = KeyVerifier(settings.auth).verify(key)
-    except (SettingsError, GatewayError) as exc:
-        print(f"edgeproxy: {getattr(exc, 'message', exc)}", file=sys.stderr)
+    except GatewayError as exc:
+        print(f"edgeproxy: {exc.message}", file=sys.stderr)
         return 1
-    fields = {name: getattr(identity, name) for name in identity.__slots__}  # type: ignore[attr-defined]
-    print(orjson.dumps(fields, option=orjson.OPT_INDENT_2).decode())
+    print(orjson.dumps(dataclasses.asdict(identity), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

@@ -58,7 +58,9 @@ class CompiledPolicy:
             try:
                 banned.append(re.compile(pattern, re.IGNORECASE))
             except re.error as exc:
-                raise SettingsError(f"apps.{name}.banned_patterns[{index}] is not a valid regex: {exc}") from None
+                raise SettingsError(
+                    f"apps.{name}.banned_patterns[{index}] is not a valid regex: {exc}"
+                ) from None
         phrases = sorted({p for p in policy.output_guard if p}, key=len, reverse=True)
         # Longest first, so an alternation prefers "secret plan" to "secret" at the same spot.
         guard = re.compile("|".join(map(re.escape, phrases)), re.IGNORECASE) if phrases else None
@@ -105,7 +107,9 @@ class Police:
             return
         if document is None:
             # A multipart or other non-JSON body could name any model where we cannot see it.
-            raise GatewayError(403, "A model allowlist applies, and it needs a JSON body", code="model_not_allowed")
+            raise GatewayError(
+                403, "A model allowlist applies, and it needs a JSON body", code="model_not_allowed"
+            )
         wanted = [document.get("model")] + [f.model for f in ex.options.fallbacks if f.model]
         for model in wanted:
             if not isinstance(model, str):
@@ -131,7 +135,10 @@ class Police:
             for cap, rule in caps:
                 if cap is not None and value > cap:
                     raise GatewayError(
-                        400, f"{param}={value} exceeds the cap of {cap} set by {rule}", param=param, code="max_tokens_exceeded"
+                        400,
+                        f"{param}={value} exceeds the cap of {cap} set by {rule}",
+                        param=param,
+                        code="max_tokens_exceeded",
                     )
 
 
@@ -180,7 +187,9 @@ def _inject_system_prompt(ex: Exchange, document: dict[str, Any], policy: AppPol
         messages = document["messages"]
         if replace:
             # "developer" is the newer OpenAI name for the system role.
-            messages = [m for m in messages if not (isinstance(m, dict) and m.get("role") in ("system", "developer"))]
+            messages = [
+                m for m in messages if not (isinstance(m, dict) and m.get("role") in ("system", "developer"))
+            ]
         ex.replace_json({**document, "messages": [{"role": "system", "content": prompt}, *messages]})
     elif ex.route.path == _ANTHROPIC_PATH and isinstance(document.get("messages"), list):
         system = document.get("system")
@@ -265,7 +274,9 @@ class OutputGuard:
     def _payload(self, payload: dict[str, Any]) -> tuple[bool, bytes]:
         """Rewrite one event's text in place; return (changed, events to send before it)."""
         if payload.get("type") == "content_block_stop":  # Anthropic: release the block before it ends
-            return False, self._release([key for key in self._held if key == ("block", payload.get("index", 0))])
+            return False, self._release(
+                [key for key in self._held if key == ("block", payload.get("index", 0))]
+            )
         if payload.get("type") == "content_block_delta":
             delta = payload.get("delta")
             if isinstance(delta, dict) and isinstance(delta.get("text"), str):
@@ -302,7 +313,8 @@ class OutputGuard:
 
     def _scan(self, text: str, final: bool) -> tuple[str, str]:
         """Redact complete phrases; keep back a tail short enough to hold only a phrase's beginning."""
-        parts, pos = [], 0
+        parts: list[str] = []
+        pos = 0
         for match in self._pattern.finditer(text):
             parts += (text[pos : match.start()], REDACTED)
             pos = match.end()
@@ -323,10 +335,18 @@ class OutputGuard:
         for kind, index in keys:
             text = self._held.pop((kind, index))
             if kind == "block":
-                payload: dict[str, Any] = {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
+                payload: dict[str, Any] = {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "text_delta", "text": text},
+                }
                 out += b"event: content_block_delta\ndata: " + orjson.dumps(payload) + b"\n\n"
                 continue
-            choice = {"index": index, "delta": {"content": text}} if kind == "delta" else {"index": index, "text": text}
+            choice = (
+                {"index": index, "delta": {"content": text}}
+                if kind == "delta"
+                else {"index": index, "text": text}
+            )
             payload = {**self._envelope, "choices": [{**choice, "finish_reason": None}]}
             out += b"data: " + orjson.dumps(payload) + b"\n\n"
         return out

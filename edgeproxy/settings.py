@@ -152,6 +152,32 @@ class Price:
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """One place a routed model is served: a target and the model name it knows it by."""
+
+    target: str
+    model: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """A model alias spread over deployments, from `[routes."<alias>"]`.
+
+    `strategy`: `weighted` (random by weight), `least_busy` (fewest in-flight requests) or
+    `latency` (power of two choices over a peak-EWMA of response latency). A deployment that
+    fails `failure_threshold` times in a row is ejected for `cooldown_seconds`, doubled on each
+    failed probe up to `max_cooldown_seconds`.
+    """
+
+    deployments: tuple[Deployment, ...]
+    strategy: Literal["weighted", "least_busy", "latency"] = "weighted"
+    failure_threshold: int = 3
+    cooldown_seconds: float = 5.0
+    max_cooldown_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     admin_key: str | None = None
 
@@ -178,6 +204,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     apps: Mapping[str, AppPolicy] = field(default_factory=dict)
     prices: Mapping[str, Price] = field(default_factory=dict)
+    routes: Mapping[str, RouteSettings] = field(default_factory=dict)
     admin: AdminSettings = field(default_factory=AdminSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
@@ -208,7 +235,7 @@ _SECTIONS = {
     "admin": AdminSettings,
     "metrics": MetricsSettings,
 }
-_MAPPINGS = {"targets": TargetSettings, "apps": AppPolicy, "prices": Price}
+_MAPPINGS = {"targets": TargetSettings, "apps": AppPolicy, "prices": Price, "routes": RouteSettings}
 _TOP_SCALARS = {"default_target", "target_url_allowlist"}
 
 T = TypeVar("T")
@@ -257,10 +284,12 @@ def load_settings(
     targets = _targets(raw, env, flags)
     apps = {k: _build(AppPolicy, v, f"apps.{k}") for k, v in _table(raw, "apps").items()}
     prices = {k: _build(Price, v, f"prices.{k}") for k, v in _table(raw, "prices").items()}
+    routes = {k: _build(RouteSettings, v, f"routes.{k}") for k, v in _table(raw, "routes").items()}
     settings = Settings(
         targets=targets,
         apps=apps,
         prices=prices,
+        routes=routes,
         default_target=_convert(values.get("default_target", "openai"), str, "default_target"),
         target_url_allowlist=_convert(
             values.get("target_url_allowlist", ()), tuple[str, ...], "target_url_allowlist"
@@ -293,6 +322,14 @@ def _targets(raw: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
 
 
 def _validate(s: Settings) -> None:
+    for alias, route in s.routes.items():
+        if not route.deployments:
+            raise SettingsError(f"routes.{alias} needs at least one deployment")
+        for i, deployment in enumerate(route.deployments):
+            if deployment.target not in s.targets:
+                raise SettingsError(f"routes.{alias}.deployments[{i}].target {deployment.target!r} is not a configured target")
+            if deployment.weight <= 0:
+                raise SettingsError(f"routes.{alias}.deployments[{i}].weight must be positive")
     if s.default_target not in s.targets:
         raise SettingsError(f"default_target {s.default_target!r} is not a configured target")
     for name, target in s.targets.items():
@@ -351,7 +388,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise SettingsError(f"{where} must be a list")
-        return tuple(_convert(v, args[0], where) for v in value)
+        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)  # type: ignore[arg-type]
     try:
         if hint is bool:
             if isinstance(value, bool):

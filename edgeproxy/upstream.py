@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -14,7 +15,9 @@ from aiohttp import web
 
 from .errors import GatewayError
 from .exchange import Exchange
+from .metrics import Metrics
 from .options import RetryPolicy
+from .routing import DeploymentState, Route, Router
 from .settings import Settings, TargetSettings
 from .completion import ask_for_usage, read_usage
 from .streaming import error_event, relay
@@ -22,6 +25,8 @@ from .targets import client_headers, upstream_headers, upstream_url
 
 log = logging.getLogger("edgeproxy.upstream")
 
+# Milliseconds the gateway itself added to this response (upstream time excluded).
+OVERHEAD_HEADER = "Edgeproxy-Overhead-Ms"
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 _CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
 
@@ -75,12 +80,33 @@ def parse_retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: rare from LLM providers; fall back to our own backoff
 
 
-class Forwarder:
-    """The last stage: send the request upstream, retrying and falling back, and relay the answer."""
+@dataclass(slots=True)
+class Candidate:
+    """One place to send the request: a target, a model override, and its routing state."""
 
-    def __init__(self, settings: Settings, upstreams: Upstreams) -> None:
+    target: TargetSettings
+    model: str | None = None
+    route: Route | None = None
+    deployment: DeploymentState | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.target.name}/{self.model}" if self.model else self.target.name
+
+
+class Forwarder:
+    """The last stage: send the request upstream, retrying and falling back, and relay the answer.
+
+    Candidates are the routed deployments (healthy ones, best first) or the path's target, then
+    the `Helicone-Fallbacks`; each gets the retry policy's attempts, and the next candidate is
+    tried at once. Nothing is retried once the client has received a byte.
+    """
+
+    def __init__(self, settings: Settings, upstreams: Upstreams, router: Router, metrics: Metrics) -> None:
         self._settings = settings
         self._upstreams = upstreams
+        self._router = router
+        self._metrics = metrics
 
     async def __call__(self, ex: Exchange) -> web.StreamResponse:
         ask_for_usage(ex)
@@ -88,25 +114,17 @@ class Forwarder:
         policy = ex.options.retry
         tries = 1 + (policy.retries if policy else 0)
         deadline = time.monotonic() + self._settings.timeouts.total
-        for index, (target, model) in enumerate(candidates):
-            body = ex.body if model is None else _with_model(ex, model)
+        for index, candidate in enumerate(candidates):
+            body = ex.body if candidate.model is None else _with_model(ex, candidate.model)
             for attempt in range(tries):
                 last = index == len(candidates) - 1 and attempt == tries - 1
                 ex.attempts += 1
-                ex.answered_by = target.name
-                retry_after: float | None = None
-                try:
-                    response = await self._send(ex, target, body, model or ex.model)
-                except GatewayError as err:
-                    if last:
-                        raise
-                    log.info("attempt %d to %s failed: %s", ex.attempts, target.name, err.message)
-                else:
-                    if last or response.status not in RETRYABLE_STATUS:
-                        return await self._respond(ex, response)
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                    await _discard(response)
-                    log.info("attempt %d to %s answered %d", ex.attempts, target.name, response.status)
+                if ex.attempts > 1:
+                    self._metrics.retried(candidate.target.name)
+                ex.answered_by = candidate.name
+                retry_after = await self._attempt(ex, candidate, body, last)
+                if isinstance(retry_after, web.StreamResponse):
+                    return retry_after
                 if attempt == tries - 1:
                     break  # next candidate, at once: it is another provider
                 assert policy is not None
@@ -116,15 +134,58 @@ class Forwarder:
                 await asyncio.sleep(delay)
         raise GatewayError(502, "No upstream attempt succeeded", type="upstream_error", code="upstream_failed")
 
-    def _candidates(self, ex: Exchange) -> list[tuple[TargetSettings, str | None]]:
-        candidates: list[tuple[TargetSettings, str | None]] = [(ex.route.target, None)]
+    async def _attempt(
+        self, ex: Exchange, candidate: Candidate, body: bytes, last: bool
+    ) -> web.StreamResponse | float | None:
+        """One attempt: the relayed response, or the Retry-After (or None) of a retryable failure."""
+        if candidate.route and candidate.deployment:
+            candidate.route.started(candidate.deployment)
+        ok, latency = False, None
+        try:
+            try:
+                response = await self._send(ex, candidate.target, body, candidate.model or ex.model)
+            except GatewayError as err:
+                self._metrics.upstream_failed(candidate.target.name, err.code or "error")
+                if last:
+                    raise
+                log.info("attempt %d to %s failed: %s", ex.attempts, candidate.name, err.message)
+                return None
+            latency = (ex.upstream_first_byte or 0.0) - (ex.upstream_sent or 0.0)
+            ok = response.status not in RETRYABLE_STATUS
+            if last or ok:
+                return await self._respond(ex, response)
+            await _discard(response)
+            log.info("attempt %d to %s answered %d", ex.attempts, candidate.name, response.status)
+            return parse_retry_after(response.headers.get("Retry-After"))
+        finally:
+            if candidate.route and candidate.deployment:
+                candidate.route.finished(candidate.deployment, ok, latency)
+                self._metrics.set_circuit_state(candidate.deployment.name, candidate.deployment.circuit.value)
+
+    def _candidates(self, ex: Exchange) -> list[Candidate]:
+        targets = self._settings.targets
+        route = None if ex.route.ad_hoc or ex.route.target.name != self._settings.default_target else (
+            self._router.route_for(ex.model)
+        )
+        if route is None:
+            candidates = [Candidate(ex.route.target)]
+        else:
+            plan = route.plan()
+            candidates = [Candidate(targets[s.deployment.target], s.deployment.model, route, s) for s in plan]
+            if not candidates and not ex.options.fallbacks:
+                raise GatewayError(
+                    503,
+                    f"Every deployment of {route.alias!r} is ejected after failures; retry shortly",
+                    type="upstream_error",
+                    code="no_healthy_deployment",
+                )
         for fallback in ex.options.fallbacks:
-            target = self._settings.targets.get(fallback.target)
+            target = targets.get(fallback.target)
             if target is None:
                 raise GatewayError(
                     400, f"Helicone-Fallbacks names unknown target {fallback.target!r}", param="Helicone-Fallbacks"
                 )
-            candidates.append((target, fallback.model))
+            candidates.append(Candidate(target, fallback.model))
         return candidates
 
     async def _send(
@@ -189,6 +250,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         ex.streamed = True
         client = web.StreamResponse(status=response.status, headers=headers)
+        client.headers[OVERHEAD_HEADER] = _overhead_ms(ex, ex.upstream_first_byte)
         await client.prepare(ex.request)
         try:
             ex.usage_tail = await relay(ex, response, client)
@@ -222,10 +284,19 @@ class Forwarder:
     @staticmethod
     async def _send_whole(ex: Exchange, client: web.Response) -> web.Response:
         """Send now, so the stages after this one (cache, limits, log) cost the client nothing."""
+        client.headers[OVERHEAD_HEADER] = _overhead_ms(ex, ex.upstream_done)
         await client.prepare(ex.request)
         ex.client_first_byte = time.perf_counter()
         await client.write_eof()
         return client
+
+
+def _overhead_ms(ex: Exchange, upstream_ready: float | None) -> str:
+    """The gateway's own time so far: before the upstream call, and since the upstream answered."""
+    added = (ex.upstream_sent or ex.started) - ex.started
+    if upstream_ready is not None:
+        added += time.perf_counter() - upstream_ready
+    return f"{added * 1000.0:.3f}"
 
 
 async def _discard(response: aiohttp.ClientResponse) -> None:

@@ -56,21 +56,39 @@ def hand_signed(header: dict, claims: dict, secret: bytes) -> str:
 
 def valid_claims() -> dict:
     now = int(time.time())
-    return {"iss": "edgeproxy", "aud": "edgeproxy", "sub": "billing", "jti": "k1", "iat": now, "nbf": now, "exp": now + 600}
+    return {
+        "iss": "edgeproxy",
+        "aud": "edgeproxy",
+        "sub": "billing",
+        "jti": "k1",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+    }
 
 
-async def post(gateway: RunningGateway, headers: dict[str, str], body: dict | None = None) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(gateway.base_url + "/chat/completions", json=body or CHAT, headers=headers) as r:
-            return r.status, await r.json()
+async def post(
+    gateway: RunningGateway, headers: dict[str, str], body: dict | None = None
+) -> tuple[int, dict]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gateway.base_url + "/chat/completions", json=body or CHAT, headers=headers) as r,
+    ):
+        return r.status, await r.json()
 
 
 async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     """Run `python -m edgeproxy …` as a user would, without blocking the gateway's event loop."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEPROXY_", "OPENAI_"))}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgeproxy", *args,
-        cwd=REPO, env={**clean, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "edgeproxy",
+        *args,
+        cwd=REPO,
+        env={**clean, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=20)
     return process.returncode or 0, out.decode().strip(), err.decode()
@@ -92,18 +110,36 @@ REFUSALS: list[tuple[str, Callable[[], str], str]] = [
         lambda: issuer(lambda: time.time() - 7200).issue(KeyGrant(app="billing", lifetime_seconds=3600))[0],
         "key_expired",
     ),
-    ("not yet valid", lambda: issuer(lambda: time.time() + 3600).issue(KeyGrant(app="billing"))[0], "key_not_yet_valid"),
+    (
+        "not yet valid",
+        lambda: issuer(lambda: time.time() + 3600).issue(KeyGrant(app="billing"))[0],
+        "key_not_yet_valid",
+    ),
     ("wrong audience", lambda: key(audience="someone-else"), "wrong_audience"),
     ("wrong issuer", lambda: key(issuer="someone-else"), "wrong_issuer"),
-    ("missing exp", lambda: jwt.encode({k: v for k, v in valid_claims().items() if k != "exp"}, SECRET), "missing_claim"),
+    (
+        "missing exp",
+        lambda: jwt.encode({k: v for k, v in valid_claims().items() if k != "exp"}, SECRET),
+        "missing_claim",
+    ),
     ("garbage", lambda: "eyJhbGciOi.not-base64!.x", "malformed_key"),
-    ("bad claim type", lambda: jwt.encode({**valid_claims(), "models": "gpt-4o"}, SECRET), "malformed_claims"),
+    (
+        "bad claim type",
+        lambda: jwt.encode({**valid_claims(), "models": "gpt-4o"}, SECRET),
+        "malformed_claims",
+    ),
 ]
 
 
-@pytest.mark.parametrize("token_of, code", [case[1:] for case in REFUSALS], ids=[case[0] for case in REFUSALS])
+@pytest.mark.parametrize(
+    "token_of, code", [case[1:] for case in REFUSALS], ids=[case[0] for case in REFUSALS]
+)
 async def test_bad_keys_refused_with_their_reason(
-    mock, start_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture, token_of: Callable[[], str], code: str
+    mock,
+    start_gateway: GatewayFactory,
+    caplog: pytest.LogCaptureFixture,
+    token_of: Callable[[], str],
+    code: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     gateway = await start_gateway(REQUIRED, ENV)
@@ -115,7 +151,9 @@ async def test_bad_keys_refused_with_their_reason(
     assert mock.requests == []
 
 
-async def test_required_key_missing_and_optional_key_still_verified(mock, start_gateway: GatewayFactory) -> None:
+async def test_required_key_missing_and_optional_key_still_verified(
+    mock, start_gateway: GatewayFactory
+) -> None:
     required = await start_gateway(REQUIRED, ENV)
     status, body = await post(required, {})
     assert (status, body["error"]["code"]) == (401, "missing_key")
@@ -132,8 +170,10 @@ async def test_required_key_missing_and_optional_key_still_verified(mock, start_
 async def test_asymmetric_keys_and_no_algorithm_confusion(
     mock, start_gateway: GatewayFactory, tmp_path: Path, algorithm: str
 ) -> None:
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048) if algorithm == "RS256" else (
-        ed25519.Ed25519PrivateKey.generate()
+    private = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else (ed25519.Ed25519PrivateKey.generate())
     )
     private_file, public_file = tmp_path / "signing.pem", tmp_path / "verifying.pem"
     private_file.write_bytes(
@@ -155,7 +195,9 @@ async def test_asymmetric_keys_and_no_algorithm_confusion(
     status, body = await post(gateway, {"Helicone-Auth": f"Bearer {confused}"})
     assert (status, body["error"]["code"]) == (401, "algorithm_not_allowed")
     hs_key = key()  # a perfectly good HS256 key is still the wrong algorithm here
-    assert (await post(gateway, {"Helicone-Auth": f"Bearer {hs_key}"}))[1]["error"]["code"] == "algorithm_not_allowed"
+    assert (await post(gateway, {"Helicone-Auth": f"Bearer {hs_key}"}))[1]["error"][
+        "code"
+    ] == "algorithm_not_allowed"
     assert len(mock.requests) == 1
 
 
@@ -168,13 +210,31 @@ async def test_cli_key_works_with_the_sdk_then_revoke(
     env = {**ENV, "EDGEPROXY_DATA_DIR": data_dir, "EDGEPROXY_AUTH_REVOCATION": revocation}
     gateway = await start_gateway(config, ENV, data_dir=data_dir)
     code, token, err = await cli(
-        "keys", "issue", "--app", "billing", "--user", "alice", "--models", "mock-*", "--budget-usd", "5/day",
-        "--rate-limit", "100;w=60", "--max-tokens", "500", "--expires", "1d", env=env,
+        "keys",
+        "issue",
+        "--app",
+        "billing",
+        "--user",
+        "alice",
+        "--models",
+        "mock-*",
+        "--budget-usd",
+        "5/day",
+        "--rate-limit",
+        "100;w=60",
+        "--max-tokens",
+        "500",
+        "--expires",
+        "1d",
+        env=env,
     )
     assert code == 0, err
     key_id = err.split("key id ")[1].split()[0]
     client = openai.AsyncOpenAI(
-        base_url=gateway.base_url, api_key="sk-provider", max_retries=0, default_headers={"Helicone-Auth": f"Bearer {token}"}
+        base_url=gateway.base_url,
+        api_key="sk-provider",
+        max_retries=0,
+        default_headers={"Helicone-Auth": f"Bearer {token}"},
     )
     reply = await client.chat.completions.create(**CHAT)
     assert "hello auth" in (reply.choices[0].message.content or "")
@@ -183,7 +243,11 @@ async def test_cli_key_works_with_the_sdk_then_revoke(
     claims = orjson.loads(shown)
     assert code == 0 and claims["app_id"] == "billing" and claims["user_id"] == "alice"
     assert claims["models"] == ["mock-*"] and claims["budget_usd"] == 5.0 and claims["budget_period"] == "day"
-    assert claims["rate_limit"] == "100;w=60" and claims["max_tokens"] == 500 and claims["user_override"] is False
+    assert (
+        claims["rate_limit"] == "100;w=60"
+        and claims["max_tokens"] == 500
+        and claims["user_override"] is False
+    )
 
     code, _, err = await cli("keys", "revoke", key_id, env=env)
     assert code == 0, err
@@ -215,9 +279,27 @@ async def test_authorization_carries_the_gateway_key_when_the_gateway_injects_th
     assert seen["Authorization"] == "Bearer sk-provider-secret"
     assert token not in str(dict(seen))
     with pytest.raises(openai.AuthenticationError) as refused:
-        await openai.AsyncOpenAI(base_url=gateway.base_url, api_key="sk-not-a-key", max_retries=0).models.list()
+        await openai.AsyncOpenAI(
+            base_url=gateway.base_url, api_key="sk-not-a-key", max_retries=0
+        ).models.list()
     assert refused.value.code == "malformed_key"
     assert "sk-provider-secret" not in caplog.text and token not in caplog.text and SECRET not in caplog.text
+
+    # The Anthropic SDK sends its api_key as x-api-key: there too it is the gateway key.
+    claude = (
+        REQUIRED
+        + f'[targets.claude]\nbase_url = "{mock.url}"\nkind = "anthropic"\napi_key = "sk-ant-secret"\n'
+    )
+    anthropic_gateway = await start_gateway(claude, ENV)
+    message = {"model": "mock-claude", "max_tokens": 10, "messages": CHAT["messages"]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            anthropic_gateway.url + "/claude/v1/messages", json=message, headers={"x-api-key": token}
+        ) as r,
+    ):
+        assert r.status == 200
+    assert mock.requests[-1].headers["x-api-key"] == "sk-ant-secret"
 
     # Not required: the SDK's placeholder api_key is not mistaken for a gateway key.
     optional = await start_gateway('[targets.openai]\napi_key = "sk-provider-secret"\n', ENV)
@@ -244,6 +326,9 @@ async def test_key_model_allowlist(mock, start_gateway: GatewayFactory) -> None:
     assert (status, body["error"]["code"]) == (403, "model_not_allowed")
     assert "gpt-4o" in body["error"]["message"]
     # A fallback must not smuggle in a model the key may not use.
-    fallback = {**auth, "Helicone-Fallbacks": orjson.dumps([{"target": "openai", "model": "gpt-4o"}]).decode()}
+    fallback = {
+        **auth,
+        "Helicone-Fallbacks": orjson.dumps([{"target": "openai", "model": "gpt-4o"}]).decode(),
+    }
     assert (await post(gateway, fallback))[0] == 403
     assert len(mock.requests) == 1

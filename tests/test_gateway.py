@@ -256,3 +256,24 @@ async def test_unknown_path_under_v1_is_forwarded(mock, gateway: RunningGateway)
             assert response.status == 404
     assert mock.requests[-1].path == "/v1/nonexistent"
     await asyncio.sleep(0)
+
+
+async def test_overhead_header_excludes_upstream_time(gateway: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as session:
+        for body, delay in ((CHAT, "150"), ({**CHAT, "stream": True}, "150")):
+            started = time.perf_counter()
+            async with session.post(
+                gateway.base_url + "/chat/completions", json=body, headers={"X-Mock-Delay-Ms": delay}
+            ) as response:
+                await response.read()
+            total_ms = (time.perf_counter() - started) * 1000
+            overhead = float(response.headers["Edgeproxy-Overhead-Ms"])
+            # The upstream's 150 ms are not the gateway's: what remains is small and below the total.
+            assert 0 <= overhead < total_ms - 140
+        async with session.get(gateway.url + "/metrics") as response:
+            counts = [
+                float(line.rsplit(" ", 1)[1])
+                for line in (await response.text()).splitlines()
+                if line.startswith("edgeproxy_gateway_overhead_seconds_count")
+            ]
+    assert sum(counts) == 2

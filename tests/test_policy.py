@@ -15,7 +15,7 @@ from edgeproxy.completion import assemble_stream, sse_payloads
 from edgeproxy.policy import REDACTED, OutputGuard
 from edgeproxy.settings import AuthSettings
 
-from .conftest import GatewayFactory, RunningGateway
+from .conftest import GatewayFactory
 
 SECRET = "policy-secret-" + "p" * 60
 ENV = {"EDGEPROXY_JWT_SECRET": SECRET}
@@ -42,37 +42,49 @@ def chat(content: str = PROMPT, **extra: object) -> dict:
 
 
 async def post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=body, headers=headers or {}) as response:
-            return response.status, await response.read()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers or {}) as response,
+    ):
+        return response.status, await response.read()
 
 
 async def raw_events(url: str, body: dict, headers: dict[str, str]) -> list[tuple[float, bytes]]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=body, headers=headers) as response:
-            assert response.status == 200
-            return [(time.perf_counter(), chunk) async for chunk in response.content.iter_any()]
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=headers) as response:
+        assert response.status == 200
+        return [(time.perf_counter(), chunk) async for chunk in response.content.iter_any()]
 
 
 async def test_system_prompt_prepended_and_replaced(mock, start_gateway: GatewayFactory) -> None:
     gateway = await start_gateway(POLICY, ENV)
     messages = [{"role": "system", "content": "client rules"}, {"role": "user", "content": "hi"}]
-    assert (await post(gateway.base_url + "/chat/completions", {"model": "mock-gpt", "messages": messages}))[0] == 200
+    assert (await post(gateway.base_url + "/chat/completions", {"model": "mock-gpt", "messages": messages}))[
+        0
+    ] == 200
     assert mock.requests[-1].json()["messages"] == [
         {"role": "system", "content": "You are the billing assistant."},
         *messages,
     ]
     billing, _ = KeyIssuer(AuthSettings(jwt_secret=SECRET)).issue(KeyGrant(app="billing"))
-    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="x", max_retries=0,
-                                default_headers={"Helicone-Auth": f"Bearer {billing}"})
+    client = openai.AsyncOpenAI(
+        base_url=gateway.base_url,
+        api_key="x",
+        max_retries=0,
+        default_headers={"Helicone-Auth": f"Bearer {billing}"},
+    )
     await client.chat.completions.create(model="mock-gpt", messages=messages)  # type: ignore[arg-type]
-    assert mock.requests[-1].json()["messages"] == [{"role": "system", "content": "Billing only."}, messages[1]]
+    assert mock.requests[-1].json()["messages"] == [
+        {"role": "system", "content": "Billing only."},
+        messages[1],
+    ]
 
 
 @pytest.mark.parametrize(
     "content", ["let us discuss a FORBIDDEN   Topic", "Drop table users", "fine start\nthen forbidden topic"]
 )
-async def test_banned_input_refused_before_any_upstream_call(mock, start_gateway: GatewayFactory, content: str) -> None:
+async def test_banned_input_refused_before_any_upstream_call(
+    mock, start_gateway: GatewayFactory, content: str
+) -> None:
     gateway = await start_gateway(POLICY, ENV)
     status, body = await post(gateway.base_url + "/chat/completions", chat(content))
     error = orjson.loads(body)["error"]
@@ -88,7 +100,9 @@ async def test_banned_input_in_parts_and_other_endpoints(mock, start_gateway: Ga
     assert (await post(gateway.base_url + "/chat/completions", parts))[0] == 400
     legacy = {"model": "mock-gpt", "prompt": ["fine", "forbidden topic"]}
     assert (await post(gateway.base_url + "/completions", legacy))[0] == 400
-    assert (await post(gateway.base_url + "/embeddings", {"model": "mock-embed", "input": "forbidden topic"}))[0] == 400
+    assert (
+        await post(gateway.base_url + "/embeddings", {"model": "mock-embed", "input": "forbidden topic"})
+    )[0] == 400
     assert mock.requests == []
 
 
@@ -122,7 +136,9 @@ async def test_guard_catches_a_phrase_split_across_stream_chunks(mock, start_gat
     # Each content event arrives on its own, 300 ms after the first one.
     headers = {"X-Mock-Chunk-Gaps": "0,300,20,20,20"}
     direct = await raw_events(mock.url + "/v1/chat/completions", chat(stream=True), headers)
-    pieces = [c["choices"][0]["delta"].get("content") or "" for c in sse_payloads(b"".join(b for _, b in direct))]
+    pieces = [
+        c["choices"][0]["delta"].get("content") or "" for c in sse_payloads(b"".join(b for _, b in direct))
+    ]
     assert PHRASE in "".join(pieces) and not any(PHRASE in piece for piece in pieces)
 
     proxied = await raw_events(gateway.base_url + "/chat/completions", chat(stream=True), headers)
@@ -143,7 +159,13 @@ async def test_guard_catches_a_phrase_split_across_stream_chunks(mock, start_gat
 async def test_guard_on_anthropic_stream_and_system_prompt(mock, start_gateway: GatewayFactory) -> None:
     config = POLICY + f'[targets.claude]\nbase_url = "{mock.url}"\nkind = "anthropic"\n'
     gateway = await start_gateway(config, ENV)
-    body = {"model": "mock-claude", "max_tokens": 50, "stream": True, "system": "client", "messages": chat()["messages"]}
+    body = {
+        "model": "mock-claude",
+        "max_tokens": 50,
+        "stream": True,
+        "system": "client",
+        "messages": chat()["messages"],
+    }
     events = await raw_events(gateway.url + "/claude/v1/messages", body, {"X-Mock-Chunk-Gap-Ms": "5"})
     blocks = assemble_stream(b"".join(chunk for _, chunk in events))["content"]
     assert blocks[0]["text"] == f"echo: the code {REDACTED} {REDACTED} sit"
@@ -155,7 +177,9 @@ async def test_guard_on_anthropic_stream_and_system_prompt(mock, start_gateway: 
 
 def openai_events(pieces: list[str], finish: bool = True) -> list[bytes]:
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-    events = [{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces]
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces
+    ]
     if finish:
         events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + ([b"data: [DONE]\n\n"] if finish else [])
@@ -168,7 +192,10 @@ def completion_events(pieces: list[str]) -> list[bytes]:
 
 
 def anthropic_events(pieces: list[str]) -> list[bytes]:
-    deltas = [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}} for p in pieces]
+    deltas = [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}
+        for p in pieces
+    ]
     return [b"event: " + d["type"].encode() + b"\ndata: " + orjson.dumps(d) + b"\n\n" for d in deltas] + [
         b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
     ]
@@ -208,8 +235,12 @@ GUARD_CASES = [
 
 @pytest.mark.parametrize("shape", [openai_events, completion_events, anthropic_events])
 @pytest.mark.parametrize("split", [None, 7])
-@pytest.mark.parametrize("pieces, phrases, want", [c[1:] for c in GUARD_CASES], ids=[c[0] for c in GUARD_CASES])
-def test_guard_stream_table(shape, split: int | None, pieces: list[str], phrases: list[str], want: str) -> None:
+@pytest.mark.parametrize(
+    "pieces, phrases, want", [c[1:] for c in GUARD_CASES], ids=[c[0] for c in GUARD_CASES]
+)
+def test_guard_stream_table(
+    shape, split: int | None, pieces: list[str], phrases: list[str], want: str
+) -> None:
     raw = run(guard(*phrases), shape(pieces), split)
     assert text_of(raw) == want
     for payload in sse_payloads(raw):  # every event the client gets is still valid JSON
