@@ -285,16 +285,25 @@ def _edgeproxy(spec: ContenderSpec, backdrop: Backdrop) -> Running:
 
 
 def edgeproxy_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         release = version("edgeproxy")
-    except Exception:  # not installed as a package: the source tree is still runnable
+    except PackageNotFoundError:  # not installed as a package: the source tree is still runnable
         release = "source"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "edgeproxy"], cwd=ROOT, capture_output=True, text=True)
-    suffix = "+uncommitted" if dirty.stdout.strip() else ""
-    return f"{release} ({commit.stdout.strip() or 'no git'}{suffix})"
+    commit = _output(["git", "rev-parse", "--short", "HEAD"])
+    dirty = _output(["git", "status", "--porcelain", "edgeproxy"])
+    suffix = "+uncommitted" if dirty else ""
+    return f"{release} ({commit or 'no git'}{suffix})"
+
+
+def _output(command: Sequence[str]) -> str:
+    """What a short command printed (stdout, else stderr), stripped; "" when it cannot run."""
+    try:
+        done = subprocess.run(list(command), cwd=ROOT, capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (done.stdout or done.stderr).strip()
 
 
 def nginx_binary() -> str:
@@ -307,7 +316,7 @@ def nginx_binary() -> str:
     # We never touch the system service the package may bring; our nginx runs from its own prefix.
     install = subprocess.run(
         "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx",
-        shell=True, capture_output=True, text=True,
+        shell=True, capture_output=True, text=True, check=False,
     )
     found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if install.returncode != 0 or not found:
@@ -336,8 +345,8 @@ def _nginx(spec: ContenderSpec, backdrop: Backdrop) -> Running:
     proc = Process(spec.name, command, prefix / "nginx.out", env=_child_env())
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/v1/models", time.monotonic() + START_SECONDS)
-    version = subprocess.run([binary, "-v"], capture_output=True, text=True).stderr.strip()
-    return Running(spec, url, proc, version.removeprefix("nginx version: nginx/"), proc.pid)
+    version = _output([binary, "-v"]).removeprefix("nginx version: nginx/")
+    return Running(spec, url, proc, version, proc.pid)
 
 
 def litellm_python() -> Path:
@@ -350,7 +359,7 @@ def litellm_python() -> Path:
         [str(python), "-m", "pip", "install", "-q", LITELLM_REQUIREMENT],
     ]
     for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
         if done.returncode != 0:
             raise Unavailable(f"installing {LITELLM_REQUIREMENT} failed: {done.stderr.strip()[-500:]}")
     return python
@@ -382,8 +391,5 @@ def _litellm(spec: ContenderSpec, backdrop: Backdrop) -> Running:
     proc = Process(spec.name, command, folder / "litellm.log", env=env, cwd=folder)
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/health/liveliness", time.monotonic() + START_SECONDS)
-    version = subprocess.run(
-        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-        capture_output=True, text=True,
-    ).stdout.strip()
+    version = _output([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"])
     return Running(spec, url, proc, version or "unknown", proc.pid)

@@ -23,6 +23,9 @@ import orjson
 
 # Past the time limit, in-flight requests get this long to finish before they are cancelled.
 GRACE_SECONDS = 10.0
+# Warm-up ends after its request count or this share of the run's time limit, whichever comes first:
+# a slow contender must not spend longer warming up than being measured.
+WARMUP_SHARE = 0.15
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ async def run_load(base_url: str, scenario: Scenario, *, request_timeout: float 
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",), auto_decompress=False
     ) as session:
-        await _warm_up(session, url, body, headers, scenario)
+        warmed = await _warm_up(session, url, body, headers, scenario)
         tally = _Tally()
         started = time.perf_counter()
         deadline = started + scenario.seconds
@@ -239,21 +242,26 @@ async def run_load(base_url: str, scenario: Scenario, *, request_timeout: float 
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         elapsed = time.perf_counter() - started
-    return summarise(scenario, base_url, tally.samples, tally.gaps, elapsed, cancelled=len(pending))
+    return summarise(scenario, base_url, tally.samples, tally.gaps, elapsed, cancelled=len(pending), warmed=warmed)
 
 
 async def _warm_up(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], scenario: Scenario
-) -> None:
+) -> int:
+    """Send the untimed requests; stops at its count or its share of the time limit. Returns how many."""
     remaining = scenario.warmup
+    deadline = time.perf_counter() + scenario.seconds * WARMUP_SHARE
+    sent = 0
 
     async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
+        nonlocal remaining, sent
+        while remaining > 0 and time.perf_counter() < deadline:
             remaining -= 1
+            sent += 1
             await _one(session, url, body, headers, None)
 
     await asyncio.gather(*(worker() for _ in range(min(scenario.concurrency, max(scenario.warmup, 0)))))
+    return sent
 
 
 def summarise(
@@ -264,6 +272,7 @@ def summarise(
     elapsed: float,
     *,
     cancelled: int = 0,
+    warmed: int = 0,
 ) -> LoadResult:
     """Fold the raw samples of one run into a LoadResult."""
     latencies: list[float] = []
@@ -298,7 +307,7 @@ def summarise(
         ttfb=Stats.of(ttfbs),
         chunk_gap=Stats.of(gaps) if scenario.stream else None,
         events_per_stream=sum(events) / len(events) if scenario.stream and events else None,
-        warmup=scenario.warmup,
+        warmup=warmed,
         statuses=dict(statuses),
         error_kinds=dict(kinds),
     )

@@ -10,6 +10,8 @@ from aiohttp import web
 
 from prometheus_client import CollectorRegistry
 
+from .admin.api import add_admin_routes
+from .admin.metrics_port import metrics_listener
 from .auth import Authenticate, KeyVerifier, RevocationList, has_key_material, open_revocations
 from .budget import Budgets, SpendLedger, open_ledger
 from .cache import CacheStage, open_store
@@ -83,8 +85,12 @@ def create_app(settings: Settings) -> web.Application:
     handler = gateway_handler(pipeline)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    if settings.metrics.enabled:
+    if settings.metrics.enabled and settings.metrics.port:
+        app.cleanup_ctx.append(metrics_listener(metrics, settings))
+    elif settings.metrics.enabled:
         app.router.add_get("/metrics", _metrics)
+    # Before the catch-all `/{target}/v1/…`, which `/admin/v1/…` would match too.
+    add_admin_routes(app.router, app.get(LOG_STORE), settings.admin.admin_key)
     app.router.add_route("*", "/v1/{tail:.*}", handler)
     app.router.add_route("*", "/{target}/v1/{tail:.*}", handler)
     return app

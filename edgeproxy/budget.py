@@ -23,6 +23,7 @@ from redis import asyncio as aioredis
 
 from .cache.remote import BACKEND_ERRORS, Detached, FaultGate, RedisCounters, open_redis
 from .errors import GatewayError
+from .estimate import worst_case
 from .exchange import Exchange
 from .metrics import Metrics
 from .pipeline import Handler
@@ -206,6 +207,7 @@ class Budgets:
     ) -> None:
         self._apps = settings.apps
         self._fail_open = settings.ratelimit.fail_open
+        self._reserve_max_tokens = settings.ratelimit.reserve_max_tokens
         self._ledger = ledger
         self._prices = prices
         self._metrics = metrics
@@ -240,46 +242,69 @@ class Budgets:
         return caps
 
     async def _admit(self, ex: Exchange, caps: list[Cap]) -> Admission:
+        """Reserve the request's worst-case cost on every cap at once, or refuse it.
+
+        The reservation is added atomically (INCRBYFLOAT returns the new total) and rolled back
+        if any cap would pass its limit, so concurrent requests cannot all pass on one reading.
+        """
         now = self.clock()
         windows = [(cap, Window.containing(cap.period, now)) for cap in caps]
+        worst = worst_case(ex, self._reserve_max_tokens)
+        # An unpriced model reserves nothing: its cost is unknown before and after (logged as null).
+        reserve = self._prices.cost_usd(ex.model, worst.prompt_tokens, worst.completion_tokens) or 0.0
+        reserved: list[tuple[Cap, Window]] = []
         try:
-            spent = await asyncio.gather(*(self._ledger.spent(cap.scope, window) for cap, window in windows))
+            totals = []
+            for cap, window in windows:
+                totals.append(await self._ledger.add(cap.scope, window, reserve))
+                reserved.append((cap, window))
         except LedgerUnavailable:
+            await self._release(reserved, reserve)
             if not self._fail_open:
                 raise GatewayError(
                     503, "Budget store unavailable", type="gateway_error", code="budget_unavailable"
-                )
-            return Admission(windows)  # the ledger's FaultGate has counted and logged it
-        remaining = min(cap.limit_usd - used for (cap, _), used in zip(windows, spent))
-        for (cap, window), used in zip(windows, spent):
-            if used >= cap.limit_usd:
+                ) from None
+            return Admission([])  # the ledger's FaultGate has counted and logged it
+        for (cap, window), total in zip(windows, totals):
+            used = total - reserve
+            if used >= cap.limit_usd or total > cap.limit_usd + 1e-9:
+                await self._release(reserved, reserve)
                 self._metrics.budget_refused()
                 ex.outcome = "budget_exceeded"
+                needed = f" (this request may cost up to ${reserve:.4f})" if used < cap.limit_usd else ""
                 raise GatewayError(
                     429,
                     f"Budget of ${cap.limit_usd:.2f} per {cap.period} for {cap.label} is spent "
-                    f"(${used:.4f}); it resets at {window.reset_at()}",
+                    f"(${used:.4f}){needed}; it resets at {window.reset_at()}",
                     type="insufficient_quota",
                     code="budget_exceeded",
                     headers={
-                        REMAINING_HEADER: "0",
+                        REMAINING_HEADER: f"{max(0.0, cap.limit_usd - used):.6f}",
                         RESET_HEADER: window.reset_at(),
                         "Retry-After": str(max(1, window.end - int(now))),
                         # The OpenAI SDKs retry 429s unless told not to; this one lasts until the reset.
                         "x-should-retry": "false",
                     },
                 )
+        remaining = min(cap.limit_usd - total for (cap, _), total in zip(windows, totals))
         ex.response_headers[REMAINING_HEADER] = f"{max(0.0, remaining):.6f}"
-        return Admission(windows)
+        ex.reserved_usd = reserve
+        return Admission(windows, reserve)
+
+    async def _release(self, reserved: list[tuple[Cap, Window]], amount: float) -> None:
+        for cap, window in reserved:
+            try:
+                await self._ledger.add(cap.scope, window, -amount)
+            except LedgerUnavailable:
+                log.warning("could not release $%.6f on %s: budget store unavailable", amount, cap.scope)
 
     async def _settle(self, ex: Exchange, admission: Admission) -> None:
-        """Charge what the request cost (cache hits and failures without usage cost nothing)."""
+        """Replace the reservation with what the request cost: nothing for failures and cache hits."""
         usage = ex.usage
-        if usage.prompt_tokens is None or ex.cache_status == "HIT":
-            return
-        cost = self._prices.cost_usd(
-            ex.model, usage.prompt_tokens, usage.completion_tokens or 0, usage.cached_tokens
-        )
+        if ex.cache_status == "HIT" or usage.prompt_tokens is None:
+            cost: float | None = 0.0
+        else:
+            cost = self._prices.cost_usd(ex.model, usage.prompt_tokens, usage.completion_tokens or 0, usage.cached_tokens)
         amount = (cost or 0.0) - admission.reserved_usd
         if amount == 0.0:
             return
@@ -287,4 +312,4 @@ class Budgets:
             try:
                 await self._ledger.add(cap.scope, window, amount)
             except LedgerUnavailable:
-                log.warning("could not charge $%.6f to %s: budget store unavailable", amount, cap.scope)
+                log.warning("could not settle $%.6f on %s: budget store unavailable", amount, cap.scope)

@@ -10,6 +10,7 @@ from typing import Any
 
 from .keys_cli import add_keys_command
 from .settings import DEFAULT_UPSTREAM, Settings, SettingsError, load_settings
+from .usage_cli import add_usage_commands
 
 log = logging.getLogger("edgeproxy")
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--cluster", help="print ReplicatedMergeTree + Distributed DDL for this cluster instead")
     migrate.set_defaults(run=_migrate)
     add_keys_command(commands)
+    add_usage_commands(commands)
     return parser
 
 

@@ -1,20 +1,37 @@
-"""Serving: one process, or N worker processes sharing one port through SO_REUSEPORT."""
+"""Serving: one process, or N worker processes sharing one port through SO_REUSEPORT.
+
+With workers, the master process owns what only one process may hold: the embedded log store
+(a chDB folder opens in one process only), which it serves to the workers over ClickHouse's
+HTTP protocol when no `logs.clickhouse_url` is set, and the folder of Prometheus value files
+the workers share. `.app` is imported only inside the workers: prometheus_client reads
+PROMETHEUS_MULTIPROC_DIR once, on import, so the master sets it first.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
-from .app import create_app
 from .settings import DEFAULT_UPSTREAM, Settings
 
 log = logging.getLogger("edgeproxy.serve")
+
+# Named here rather than imported from .metrics, whose import would load prometheus_client.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LOG_SERVER_START_SECONDS = 30.0
 
 
 def serve(settings: Settings) -> int:
@@ -27,6 +44,8 @@ def serve(settings: Settings) -> int:
 
 
 def _run_worker(settings: Settings, *, reuse_port: bool) -> None:
+    from .app import create_app
+
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     server = settings.server
@@ -49,13 +68,32 @@ def _run_workers(settings: Settings) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         log.error("--workers > 1 needs SO_REUSEPORT, which this platform lacks")
         return 2
+    metrics_dir = _prepare_metrics_dir(settings)
+    try:
+        with _log_owner(settings) as worker_settings:
+            workers = _spawn_and_wait(worker_settings)
+    except _LogOwnerError as exc:
+        log.error("%s", exc)
+        return 2
+    from .metrics import mark_worker_dead
+
+    for worker in workers:
+        if worker.pid is not None:
+            mark_worker_dead(worker.pid, metrics_dir)
+    failed = [w.name for w in workers if w.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+    if failed:
+        log.error("workers exited with errors: %s", ", ".join(failed))
+        return 1
+    return 0
+
+
+def _spawn_and_wait(settings: Settings) -> list[BaseProcess]:
+    """Start the workers, forward SIGTERM/SIGINT to them, and return once all have exited."""
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_run_worker, args=(settings,), kwargs={"reuse_port": True}, name=f"edgeproxy-{i}")
         for i in range(settings.server.workers)
     ]
-    for worker in workers:
-        worker.start()
 
     def forward(signum: int, _frame: object) -> None:
         for worker in workers:
@@ -65,12 +103,67 @@ def _run_workers(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for worker in workers:
+        worker.start()
+    for worker in workers:
         worker.join()
-    failed = [w.name for w in workers if w.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
-    if failed:
-        log.error("workers exited with errors: %s", ", ".join(failed))
-        return 1
-    return 0
+    return workers
+
+
+def _prepare_metrics_dir(settings: Settings) -> str:
+    """Point every worker's prometheus_client at one folder of value files, emptied of a previous run's."""
+    directory = os.environ.get(MULTIPROC_ENV) or str(settings.data_dir.resolve() / "metrics")
+    # Set before anything imports prometheus_client; spawned workers inherit it.
+    os.environ[MULTIPROC_ENV] = directory
+    from .metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir(directory)
+    return directory
+
+
+class _LogOwnerError(RuntimeError):
+    """The master could not take the embedded log store (another process holds it, or it broke)."""
+
+
+@contextmanager
+def _log_owner(settings: Settings) -> Iterator[Settings]:
+    """The workers' settings: with an embedded log, pointed at a server this process runs over its folder.
+
+    The server stops only after the `with` body, i.e. after the workers exited and drained their
+    queues into it.
+    """
+    logs = settings.logs
+    if not logs.enabled or logs.clickhouse_url:
+        yield settings
+        return
+    from .logs.embedded_server import EmbeddedServer
+    from .logs.store import embedded_folder
+
+    folder = embedded_folder(settings.data_dir)
+    server = EmbeddedServer(folder, password=secrets.token_urlsafe(24))
+    try:
+        server.start()
+        _wait_until_answering(f"http://127.0.0.1:{server.port}/ping", LOG_SERVER_START_SECONDS)
+    except Exception as exc:
+        server.stop()
+        raise _LogOwnerError(f"cannot serve the embedded log store {folder} to the workers: {exc}") from exc
+    log.info("request log: embedded store %s served to the workers on 127.0.0.1:%d", folder, server.port)
+    try:
+        yield dataclasses.replace(settings, logs=dataclasses.replace(logs, clickhouse_url=server.url))
+    finally:
+        server.stop()
+
+
+def _wait_until_answering(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -111,6 +111,8 @@ class RateLimitSettings:
     timeout_seconds: float = 0.25
     key_prefix: str = "edgeproxy:"
     max_connections: int = 64
+    # Completion tokens reserved against budgets and cents/tokens limits when a request sets no max_tokens.
+    reserve_max_tokens: int = 4096
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ SHORTCUTS = {
     "workers": ("EDGEPROXY_WORKERS", "server", "workers"),
     "data_dir": ("EDGEPROXY_DATA_DIR", "server", "data_dir"),
     "jwt_secret": ("EDGEPROXY_JWT_SECRET", "auth", "jwt_secret"),
+    "admin_key": ("EDGEPROXY_ADMIN_KEY", "admin", "admin_key"),
 }
 
 _SECTIONS = {

@@ -209,12 +209,12 @@ def test_memory_drift_ignores_warm_up(sizes: list[int], drift: float) -> None:
 
 
 def test_profile_summary_attributes_samples_to_areas() -> None:
-    raw = "\n".join([
-        "main (bench/x.py:1);handle (edgeproxy/pipeline.py:43);_send (edgeproxy/upstream.py:141) 6",
-        "main (bench/x.py:1);_writelines (aiohttp/http_writer.py:90) 3",
-        "main (bench/x.py:1);ClientSession._request (aiohttp/client.py:700) 1",
-        "garbage line",
-    ])
+    raw = (
+        "main (bench/x.py:1);handle (edgeproxy/pipeline.py:43);_send (edgeproxy/upstream.py:141) 6\n"
+        "main (bench/x.py:1);_writelines (aiohttp/http_writer.py:90) 3\n"
+        "main (bench/x.py:1);ClientSession._request (aiohttp/client.py:700) 1\n"
+        "garbage line\n"
+    )
     assert sum(parse_stacks(raw).values()) == 10
     assert [area(p) for p in ("edgeproxy/upstream.py", "aiohttp/client.py", "aiohttp/web.py", "asyncio/tasks.py")] \
         == ["edgeproxy", "aiohttp client", "aiohttp server/http", "asyncio"]

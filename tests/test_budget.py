@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,13 +19,15 @@ from edgeproxy.budget import REMAINING_HEADER, MemoryLedger, RedisLedger, SpendL
 from edgeproxy.settings import AuthSettings, RateLimitSettings
 
 from .conftest import GatewayFactory, RunningGateway, wait_until
+from .gateway_process import GatewayProcess
 
 SECRET = "budget-secret-" + "b" * 60
 ENV = {"EDGEPROXY_JWT_SECRET": SECRET}
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # The mock answers 5 completion tokens by default: at $200k per million output tokens, $1.00 a request.
+# With max_tokens 5 a request also reserves exactly $1.00 (input is free), so headers are round.
 PRICES = '[prices."budget-model"]\ninput = 0.0\noutput = 200000.0\n'
-CHAT = {"model": "budget-model", "messages": [{"role": "user", "content": "spend"}]}
+CHAT = {"model": "budget-model", "messages": [{"role": "user", "content": "spend"}], "max_tokens": 5}
 
 
 def ts(text: str) -> float:
@@ -120,12 +123,13 @@ async def test_key_budget_refuses_when_spent_and_a_new_period_admits(
     window = Window.containing("day", now[0])
     ledger = gateway.app[LEDGER]
 
+    # The remaining budget is what is left once this request's reservation is taken.
     status, seen, _ = await post(gateway, headers)
-    assert (status, seen[REMAINING_HEADER]) == (200, "2.000000")
+    assert (status, seen[REMAINING_HEADER]) == (200, "1.000000")
     key_scope = f"key:{key_id}"
     await wait_until(lambda: _spent(ledger, key_scope, window, 1.0))
     status, seen, _ = await post(gateway, headers, stream=True)  # a stream is charged from its usage event
-    assert (status, seen[REMAINING_HEADER]) == (200, "1.000000")
+    assert (status, seen[REMAINING_HEADER]) == (200, "0.000000")
     await wait_until(lambda: _spent(ledger, key_scope, window, 2.0))
 
     status, seen, body = await post(gateway, headers)
@@ -135,20 +139,20 @@ async def test_key_budget_refuses_when_spent_and_a_new_period_admits(
         "insufficient_quota",
     )
     assert f"resets at {today.reset_at()}" in body["error"]["message"]
-    assert seen[REMAINING_HEADER] == "0" and seen["x-should-retry"] == "false"
+    assert seen[REMAINING_HEADER] == "0.000000" and seen["x-should-retry"] == "false"
     assert int(seen["Retry-After"]) == 14 * 3600
     assert len(mock.requests) == 2
 
     now[0] += 86400  # the next day
     status, seen, _ = await post(gateway, headers)
-    assert (status, seen[REMAINING_HEADER]) == (200, "2.000000")
+    assert (status, seen[REMAINING_HEADER]) == (200, "1.000000")
     if store != "memory://":
         async with aioredis.from_url(REDIS_URL) as client:
             await client.delete(*[k async for k in client.scan_iter(match=prefix + "*")])
 
 
 async def test_app_budget_is_shared_by_the_apps_keys(mock, start_gateway: GatewayFactory) -> None:
-    config = PRICES + '[apps.shop]\nbudget_usd = 1.5\nbudget_period = "week"\n'
+    config = PRICES + '[apps.shop]\nbudget_usd = 2.5\nbudget_period = "week"\n'
     gateway = await start_gateway(config, ENV)
     first, second = key(KeyGrant(app="shop")), key(KeyGrant(app="shop"))
     ledger = gateway.app[LEDGER]
@@ -178,3 +182,49 @@ async def test_unreachable_budget_store_fails_open_or_closed(mock, start_gateway
 
 async def _spent(ledger: SpendLedger, scope: str, window: Window, want: float) -> bool:
     return abs(await ledger.spent(scope, window) - want) < 1e-9
+
+
+async def burst(urls: list[str], headers: dict[str, str], count: int) -> list[int]:
+    """`count` requests at once, spread over the gateways, answered or refused."""
+    async with aiohttp.ClientSession() as session:
+
+        async def one(i: int) -> int:
+            body = {**CHAT, "messages": [{"role": "user", "content": f"spend {i}"}]}
+            async with session.post(urls[i % len(urls)] + "/v1/chat/completions", json=body, headers=headers) as r:
+                await r.read()
+                return r.status
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+# $1.00 a request against a $10 budget: 200 at once must not buy an eleventh answer.
+@pytest.mark.parametrize("store", ["memory://", REDIS_URL])
+async def test_concurrent_burst_cannot_overspend_in_one_process(mock, start_gateway: GatewayFactory, store: str) -> None:
+    prefix = f"test-{uuid.uuid4().hex}:"
+    config = f'[ratelimit]\nurl = "{store}"\nkey_prefix = "{prefix}"\ntimeout_seconds = 2.0\n{PRICES}'
+    gateway = await start_gateway(config, ENV)
+    headers, key_id = issued(KeyGrant(app="shop", budget_usd=10.0, budget_period="day"))
+    statuses = await burst([gateway.url], headers, 200)
+    assert statuses.count(200) == len(mock.requests) <= 10
+    assert statuses.count(429) >= 190
+    window = Window.containing("day", time.time())
+    await wait_until(lambda: _spent(gateway.app[LEDGER], f"key:{key_id}", window, float(len(mock.requests))))
+
+
+async def test_concurrent_burst_cannot_overspend_across_two_processes(mock, tmp_path) -> None:
+    prefix = f"test-{uuid.uuid4().hex}:"
+    config = tmp_path / "budget.toml"
+    config.write_text(
+        f'[ratelimit]\nurl = "{REDIS_URL}"\nkey_prefix = "{prefix}"\ntimeout_seconds = 2.0\n'
+        f"[logs]\nenabled = false\n{PRICES}"
+    )
+    env = {**ENV, "EDGEPROXY_CONFIG": str(config)}
+    gateways = [GatewayProcess(tmp_path / f"g{i}", mock.url, env=env) for i in range(2)]
+    try:
+        await asyncio.gather(*(g.start() for g in gateways))
+        headers, _ = issued(KeyGrant(app="shop", budget_usd=10.0, budget_period="day"))
+        statuses = await burst([g.url for g in gateways], headers, 200)
+    finally:
+        await asyncio.gather(*(g.stop() for g in gateways))
+    assert statuses.count(200) == len(mock.requests) <= 10
+    assert 1 <= statuses.count(200) and statuses.count(429) >= 190

@@ -124,27 +124,46 @@ async def test_a_header_tightens_but_never_loosens_app_and_key_policies(
     assert [(await ask(session, gateway.url, other_key))[0] for _ in range(3)] == [200, 200, 429]
 
 
+async def admitted_until_refused(session, url: str, headers: dict[str, str], body: dict) -> int:
+    """Send until the first 429; every later request must be refused too."""
+    statuses = [(await ask(session, url, headers, body))[0] for _ in range(8)]
+    admitted = statuses.count(200)
+    assert statuses == [200] * admitted + [429] * (8 - admitted)
+    return admitted
+
+
+# Each request reserves its worst case up front: 13 prompt tokens estimated from "user" + "a b c"
+# (8 overhead + 9 bytes / 2) plus max_tokens 5 = 18, then settles to the mock's actual 3 + 5 = 8.
+# A quota of 40 admits 8 + 8 + 18 and refuses the fourth (24 + 18 > 40): never past the cap, and
+# more than the 2 that would fit if the unused part of each reservation were never given back.
 async def test_cents_policy_is_a_spend_cap(mock, start_gateway: GatewayFactory, backend, session):
-    gateway = await start_gateway(backend + PRICEY)
-    # 3 prompt words + 5 completion chunks = 8 tokens = 8 cents a request.
-    capped = {"Helicone-RateLimit-Policy": "10;w=60;u=cents", "X-Mock-Chunks": "5"}
-    body = chat("mock-pricey")
+    gateway = await start_gateway(backend + PRICEY)  # one cent per token
+    capped = {"Helicone-RateLimit-Policy": "40;w=60;u=cents", "X-Mock-Chunks": "5"}
+    body = {**chat("mock-pricey"), "max_tokens": 5}
     status, headers, _ = await ask(session, gateway.url, capped, body)
-    assert (status, headers["Helicone-RateLimit-Remaining"]) == (200, "10")
-    status, headers, _ = await ask(session, gateway.url, capped, body)
-    assert (status, headers["Helicone-RateLimit-Remaining"]) == (200, "2")  # post-charged: may overshoot once
-    status, headers, _ = await ask(session, gateway.url, capped, body)
-    assert (status, headers["Helicone-RateLimit-Remaining"]) == (429, "0")
-    assert len(mock.requests) == 2
+    assert (status, headers["Helicone-RateLimit-Remaining"]) == (200, "22")  # 40 - the 18 reserved
+    assert 1 + await admitted_until_refused(session, gateway.url, capped, body) == 3
+    assert len(mock.requests) == 3 and 3 * 8 <= 40
 
 
 async def test_tokens_policy_counts_streamed_usage(mock, start_gateway: GatewayFactory, backend, session):
     gateway = await start_gateway(backend)
-    capped = {"Helicone-RateLimit-Policy": "12;w=60;u=tokens", "X-Mock-Chunks": "5"}
-    body = {**chat(), "stream": True}  # usage comes from the stream the gateway asked it for
-    assert (await ask(session, gateway.url, capped, body))[1]["Helicone-RateLimit-Remaining"] == "12"
-    assert (await ask(session, gateway.url, capped, body))[1]["Helicone-RateLimit-Remaining"] == "4"
-    assert (await ask(session, gateway.url, capped, body))[0] == 429
+    capped = {"Helicone-RateLimit-Policy": "40;w=60;u=tokens", "X-Mock-Chunks": "5"}
+    body = {**chat(), "stream": True, "max_tokens": 5}  # usage comes from the stream the gateway asked for
+    assert await admitted_until_refused(session, gateway.url, capped, body) == 3
+    assert len(mock.requests) == 3
+
+
+async def test_concurrent_cents_requests_never_overspend(mock, start_gateway: GatewayFactory, backend, session):
+    # Closed on failure: under this burst a slow Redis must refuse, not admit unmetered.
+    gateway = await start_gateway(backend + "timeout_seconds = 2.0\nfail_open = false\n" + PRICEY)
+    capped = {"Helicone-RateLimit-Policy": "100;w=60;u=cents", "X-Mock-Chunks": "5"}
+    body = {**chat("mock-pricey"), "max_tokens": 5}
+    statuses = [s for s, _, _ in await asyncio.gather(*(ask(session, gateway.url, capped, body) for _ in range(200)))]
+    admitted = statuses.count(200)
+    assert set(statuses) <= {200, 429, 503} and statuses.count(429) >= 150
+    # Each answer costs 8 cents: spend stays within the 100-cent cap however the 200 interleave.
+    assert 1 <= admitted and admitted * 8 <= 100 and len(mock.requests) == admitted
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
@@ -157,18 +176,21 @@ async def test_windows_admit_all_or_nothing_and_say_when_to_retry(kind):
         windows = RedisWindows.open(RateLimitSettings(url=SHARED_URL, key_prefix=prefix))
     try:
         wide, narrow = Charge("wide", 60, 5, 1), Charge("narrow", 60, 1, 1)
-        assert (await windows.admit([wide, narrow])).admitted
-        refused = await windows.admit([wide, narrow])
+        assert (await windows.admit([wide, narrow], "a")).admitted
+        refused = await windows.admit([wide, narrow], "b")
         assert not refused.admitted and refused.used == (1, 1) and 59 <= refused.retry_after <= 60
         # The refused request charged neither window.
-        assert (await windows.admit([wide])).used == (2,)
-        spend = Charge("spend", 60, 1.0, 0)
-        assert (await windows.admit([spend])).admitted
-        await windows.charge([Charge("spend", 60, 1.0, 0.4), Charge("spend", 60, 1.0, 0.35)])
-        verdict = await windows.admit([spend])
-        assert verdict.admitted and verdict.used[0] == pytest.approx(0.75)
-        await windows.charge([Charge("spend", 60, 1.0, 0.3)])
-        assert not (await windows.admit([spend])).admitted
+        assert (await windows.admit([wide], "c")).used == (2,)
+        # A reservation counts in full until it is settled to the actual amount, in place.
+        reserve = Charge("spend", 60, 1.0, 0.6)
+        assert (await windows.admit([reserve], "r1")).admitted
+        assert not (await windows.admit([reserve], "r2")).admitted  # 0.6 + 0.6 > 1
+        await windows.settle([Charge("spend", 60, 1.0, 0.25, reserved=0.6)], "r1")
+        verdict = await windows.admit([reserve], "r3")
+        assert verdict.admitted and verdict.used[0] == pytest.approx(0.85)
+        await windows.settle([Charge("spend", 60, 1.0, 0.0, reserved=0.6)], "r3")  # failed: released
+        check = Charge("spend", 60, 1.0, 0)
+        assert (await windows.admit([check], "r4")).used[0] == pytest.approx(0.25)
     finally:
         await windows.close()
         await scrub(prefix)

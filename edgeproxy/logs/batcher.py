@@ -24,7 +24,8 @@ Crash window: rows are safe once inserted or once their spool file is fsynced. A
 at most the rows still in memory: the queue plus the batch being written, normally the last
 `flush_seconds` of traffic, more only while an insert is slow (never more than
 `queue_max_rows` + `batch_rows`). `close()` drains the queue to the store, or to the spool when
-the store fails or `timeout` runs out. The spool a previous run left is replayed after `start()`.
+the store fails or `timeout` runs out, then, with time left, replays the spool into the store.
+The spool a previous run left is replayed after `start()`.
 """
 
 from __future__ import annotations
@@ -203,8 +204,21 @@ class LogBatcher:
             leftover.append((uuid.uuid4().hex, self._rows_of(self._take())))
         for token, rows in leftover:
             await self._to_spool(token, rows)
+        await self._land_spool(deadline)
         await self._disk_call(self.spool.close)
         self._disk.shutdown(wait=False)
+
+    async def _land_spool(self, deadline: float) -> None:
+        """With time left, migrate if need be and replay the spool: a clean stop leaves nothing for the next start."""
+        loop = asyncio.get_running_loop()
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                # Cancelled at the deadline: the spooled batch stays and keeps its token for the next start.
+                landed = await asyncio.wait_for(self._replay_step(), remaining)
+            except Exception:  # noqa: BLE001 - the deadline or a failing disk: the files wait for the next start
+                return
+            if not landed:
+                return  # the spool is empty (None) or the store did not take a batch (False)
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()

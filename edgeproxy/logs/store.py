@@ -131,6 +131,11 @@ class LogStore:
             self._read_client = None
 
 
+def embedded_folder(data_dir: Path) -> Path:
+    """Where the embedded chDB store keeps its data: `<data_dir>/clickhouse`."""
+    return (data_dir / "clickhouse").resolve()
+
+
 def open_log_store(settings: LogSettings, data_dir: Path) -> LogStore:
     """A LogStore for `settings.clickhouse_url`, or embedded chDB under `data_dir/clickhouse` when unset.
 
@@ -138,7 +143,7 @@ def open_log_store(settings: LogSettings, data_dir: Path) -> LogStore:
     """
     url = settings.clickhouse_url
     if not url:
-        folder = (data_dir / "clickhouse").resolve()
+        folder = embedded_folder(data_dir)
 
         def connect_embedded() -> Client:
             folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ hash tag, and both expire a second after the window, so idle buckets cost nothin
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
@@ -18,9 +17,11 @@ from ..settings import RateLimitSettings
 from .windows import Charge, Verdict, WindowsUnavailable
 
 SCRIPT = """
--- KEYS: per charge, its log (sorted set) then its total.  ARGV: mode ('admit' | 'charge'),
--- call id, then per charge: window_ms, quota, amount.  Returns {admitted, wait_ms, used...};
--- numbers go back as strings because Redis would truncate a Lua number to an integer.
+-- KEYS: per charge, its log (sorted set) then its total.  ARGV: mode ('admit' | 'settle'),
+-- reservation id, then per charge: window_ms, quota, amount, reserved.  Returns
+-- {admitted, wait_ms, used...}; numbers go back as strings because Redis would truncate a
+-- Lua number to an integer.  'settle' swaps a reserved entry for the actual amount at the
+-- entry's own score (or adds an unreserved charge now).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mode, id = ARGV[1], ARGV[2]
@@ -39,9 +40,9 @@ end
 
 for i = 1, n do
   local log, total = KEYS[2 * i - 1], KEYS[2 * i]
-  windows[i] = tonumber(ARGV[3 * i])
-  quotas[i] = tonumber(ARGV[3 * i + 1])
-  amounts[i] = tonumber(ARGV[3 * i + 2])
+  windows[i] = tonumber(ARGV[4 * i - 1])
+  quotas[i] = tonumber(ARGV[4 * i])
+  amounts[i] = tonumber(ARGV[4 * i + 1])
   local cutoff = now - windows[i]
   local expired = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
   if #expired > 0 then
@@ -55,6 +56,28 @@ for i = 1, n do
     end
   end
   used[i] = math.max(0, tonumber(redis.call('GET', total) or '0'))
+end
+
+if mode == 'settle' then
+  for i = 1, n do
+    local log, total = KEYS[2 * i - 1], KEYS[2 * i]
+    local reserved = tonumber(ARGV[4 * i + 2])
+    if reserved > 0 then
+      local old = id .. ':' .. i .. ':' .. ARGV[4 * i + 2]
+      local score = redis.call('ZSCORE', log, old)
+      if score and amounts[i] ~= reserved then
+        redis.call('ZREM', log, old)
+        if amounts[i] > 0 then redis.call('ZADD', log, score, id .. ':' .. i .. ':' .. ARGV[4 * i + 1]) end
+        redis.call('INCRBYFLOAT', total, amounts[i] - reserved)
+      end
+    elseif amounts[i] > 0 then
+      redis.call('ZADD', log, now, id .. ':' .. i .. ':' .. ARGV[4 * i + 1])
+      redis.call('INCRBYFLOAT', total, amounts[i])
+      redis.call('PEXPIRE', log, windows[i] + 1000)
+      redis.call('PEXPIRE', total, windows[i] + 1000)
+    end
+  end
+  return {1, '0'}
 end
 
 local wait, refused = 0, false
@@ -86,7 +109,7 @@ if not refused then
   for i = 1, n do
     if amounts[i] > 0 then
       local log, total = KEYS[2 * i - 1], KEYS[2 * i]
-      redis.call('ZADD', log, now, id .. ':' .. i .. ':' .. ARGV[3 * i + 2])
+      redis.call('ZADD', log, now, id .. ':' .. i .. ':' .. ARGV[4 * i + 1])
       redis.call('INCRBYFLOAT', total, amounts[i])
       redis.call('PEXPIRE', log, windows[i] + 1000)
       redis.call('PEXPIRE', total, windows[i] + 1000)
@@ -125,27 +148,29 @@ class RedisWindows:
         except BACKEND_ERRORS as exc:
             self.gate.failed(exc)
 
-    async def admit(self, charges: Sequence[Charge]) -> Verdict:
-        reply = await self._run("admit", charges)
+    async def admit(self, charges: Sequence[Charge], reservation: str) -> Verdict:
+        reply = await self._run("admit", charges, reservation)
         used = tuple(float(value) for value in reply[2:])
         return Verdict(bool(int(reply[0])), used, float(reply[1]) / 1000.0)
 
-    async def charge(self, charges: Sequence[Charge]) -> None:
-        await self._run("charge", charges)
+    async def settle(self, charges: Sequence[Charge], reservation: str) -> None:
+        """`charges` in the order admission had them: entries are named by reservation and position."""
+        await self._run("settle", charges, reservation)
 
     async def close(self) -> None:
         await self._calls.drain()
         await self._client.aclose(close_connection_pool=True)
 
-    async def _run(self, mode: str, charges: Sequence[Charge]) -> list[bytes]:
+    async def _run(self, mode: str, charges: Sequence[Charge], reservation: str) -> list[bytes]:
         if not self.gate.open():
             raise WindowsUnavailable("Redis is cooling down after a failure")
         keys: list[str] = []
-        args: list[str | int | float] = [mode, uuid.uuid4().hex]
+        args: list[str | int | float] = [mode, reservation]
         for charge in charges:
             bucket = f"{self._prefix}{{{charge.bucket}}}"
             keys += (bucket + ":log", bucket + ":sum")
-            args += (charge.window_seconds * 1000, charge.quota, charge.amount)
+            # repr() in both calls, so the settle step names the member admission wrote.
+            args += (charge.window_seconds * 1000, charge.quota, repr(charge.amount), repr(charge.reserved))
         try:
             reply = await self._calls(self._script(keys=keys, args=args))
         except BACKEND_ERRORS as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,14 +10,13 @@ from typing import Protocol
 from aiohttp import web
 
 from ..errors import GatewayError
+from ..estimate import worst_case
 from ..exchange import Exchange
 from ..pipeline import Handler
 from ..pricing import PriceTable
 from ..settings import RateLimitSettings
 from .policies import Applied, PolicyBook
 from .windows import Charge, Verdict, Windows, WindowsUnavailable, admits
-
-log = logging.getLogger("edgeproxy.ratelimit")
 
 
 class LimitCounters(Protocol):
@@ -62,9 +60,9 @@ class RateLimitStage:
         applied = self._book.applicable(ex)
         if not applied:
             return await call_next(ex)
-        charges = [Charge(a.bucket, a.policy.window_seconds, a.policy.quota, a.admission_amount) for a in applied]
+        charges = self._reservations(ex, applied)
         try:
-            verdict = await self._windows.admit(charges)
+            verdict = await self._windows.admit(charges, ex.request_id)
         except WindowsUnavailable:
             self.stats.unavailable += 1
             if not self._settings.fail_open:
@@ -76,14 +74,32 @@ class RateLimitStage:
                     headers={"Retry-After": "1"},
                 ) from None
             _set_headers(ex, applied[0], None)  # fail open: say which policy, not what is left
+            charges = [Charge(c.bucket, c.window_seconds, c.quota, 0.0) for c in charges]
         else:
             self._enforce(ex, applied, charges, verdict)
         self.stats.admitted += 1
-        response = await call_next(ex)
-        post = [a for a in applied if a.policy.unit != "request"]
-        if post:
-            await self._settle(ex, post)
-        return response
+        try:
+            return await call_next(ex)
+        finally:
+            if any(a.policy.unit != "request" for a in applied):
+                await self._settle(ex, applied, charges)
+
+    def _reservations(self, ex: Exchange, applied: Sequence[Applied]) -> list[Charge]:
+        """Admission charges: one per request-unit policy; the worst case for cents and tokens."""
+        worst = worst_case(ex, self._settings.reserve_max_tokens) if any(
+            a.policy.unit != "request" for a in applied
+        ) else None
+        charges = []
+        for a in applied:
+            amount = 1.0
+            if worst is not None and a.policy.unit == "tokens":
+                amount = float(worst.total_tokens)
+            elif worst is not None and a.policy.unit == "cents":
+                # An unpriced model reserves nothing (only checks); it is counted as unmetered after.
+                cost = self._prices.cost_usd(ex.model, worst.prompt_tokens, worst.completion_tokens)
+                amount = 0.0 if cost is None else cost * 100.0
+            charges.append(Charge(a.bucket, a.policy.window_seconds, a.policy.quota, amount))
+        return charges
 
     def _enforce(self, ex: Exchange, applied: Sequence[Applied], charges: Sequence[Charge], verdict: Verdict) -> None:
         if verdict.admitted:
@@ -107,23 +123,22 @@ class RateLimitStage:
             headers={"Retry-After": str(retry_after)},
         )
 
-    async def _settle(self, ex: Exchange, post: Sequence[Applied]) -> None:
-        """Charge cents and tokens from the finished answer; a cache hit cost nothing."""
-        if ex.cache_status == "HIT":
-            return
+    async def _settle(self, ex: Exchange, applied: Sequence[Applied], reserved: Sequence[Charge]) -> None:
+        """Replace cents and tokens reservations with the answer's usage: nothing for failures and cache hits."""
         charges = []
-        for applied in post:
-            amount = self._amount(ex, applied.policy.unit)
-            if amount is None:
-                self.stats.unmetered += 1
-            elif amount > 0:
-                charges.append(Charge(applied.bucket, applied.policy.window_seconds, applied.policy.quota, amount))
-        if not charges:
-            return
-        # Already answered, so the wait costs the client nothing; a client leaving now cannot
-        # cancel the charge (Redis calls are detached, memory charges never wait).
+        for a, charge in zip(applied, reserved):
+            amount = charge.amount
+            if a.policy.unit != "request":
+                actual = 0.0 if ex.cache_status == "HIT" or ex.status >= 400 else self._amount(ex, a.policy.unit)
+                if actual is None:
+                    self.stats.unmetered += 1  # answered but unmeasurable: the reservation stands
+                else:
+                    amount = actual
+            charges.append(Charge(charge.bucket, charge.window_seconds, charge.quota, amount, charge.amount))
+        # The client has its answer, so the wait costs it nothing; a client leaving now cannot
+        # cancel the settlement (Redis calls are detached, memory ones never wait).
         try:
-            await self._windows.charge(charges)
+            await self._windows.settle(charges, ex.request_id)
         except WindowsUnavailable:
             self.stats.unavailable += 1
 

@@ -27,7 +27,8 @@ class Charge:
     bucket: str
     window_seconds: int
     quota: float
-    amount: float  # due now: 1 for a request-unit policy at admission; 0 checks without charging
+    amount: float  # due now: 1 for a request-unit policy; a reservation for cents/tokens; 0 only checks
+    reserved: float = 0.0  # in `settle`: what admission charged, now replaced by `amount`
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +43,15 @@ class WindowsUnavailable(Exception):
 
 
 class Windows(Protocol):
+    """`admit` charges all or nothing under `reservation`; `settle` swaps each reserved amount for
+    the actual one at the reservation's own time, so the window neither keeps an unused
+    reservation nor lets it expire before the charge that replaces it."""
+
     async def start(self) -> None: ...
 
-    async def admit(self, charges: Sequence[Charge]) -> Verdict: ...
+    async def admit(self, charges: Sequence[Charge], reservation: str) -> Verdict: ...
 
-    async def charge(self, charges: Sequence[Charge]) -> None: ...
+    async def settle(self, charges: Sequence[Charge], reservation: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -74,7 +79,8 @@ class _Log:
     __slots__ = ("entries", "total")
 
     def __init__(self) -> None:
-        self.entries: deque[tuple[float, float]] = deque()
+        # [time, amount] lists, so a reservation can be settled in place.
+        self.entries: deque[list[float]] = deque()
         self.total = 0.0
 
     def expire(self, cutoff: float) -> None:
@@ -84,13 +90,17 @@ class _Log:
         if not entries:
             self.total = 0.0
 
-    def add(self, now: float, amount: float) -> None:
+    def add(self, now: float, amount: float) -> list[float]:
         if len(self.entries) >= MAX_ENTRIES:
-            _, newest = self.entries.pop()
-            amount += newest
-            self.total -= newest
-        self.entries.append((now, amount))
+            # Merge into the newest entry in place: a reservation held by it stays settleable.
+            newest = self.entries[-1]
+            newest[0], newest[1] = now, newest[1] + amount
+            self.total += amount
+            return newest
+        entry = [now, amount]
+        self.entries.append(entry)
         self.total += amount
+        return entry
 
 
 class MemoryWindows:
@@ -98,6 +108,8 @@ class MemoryWindows:
 
     def __init__(self, *, max_buckets: int = MAX_BUCKETS, clock: Callable[[], float] = time.monotonic) -> None:
         self._logs: OrderedDict[str, _Log] = OrderedDict()
+        # Open reservations: (reservation, bucket) → its log entry; bounded like the buckets.
+        self._reserved: OrderedDict[tuple[str, str], tuple[_Log, list[float]]] = OrderedDict()
         self._max_buckets = max_buckets
         self._clock = clock
         self.evictions = 0
@@ -117,7 +129,7 @@ class MemoryWindows:
     async def start(self) -> None:
         pass
 
-    async def admit(self, charges: Sequence[Charge]) -> Verdict:
+    async def admit(self, charges: Sequence[Charge], reservation: str) -> Verdict:
         now = self._clock()
         logs = [self._log(c.bucket, c.window_seconds, now) for c in charges]
         refused = [(c, log) for c, log in zip(charges, logs) if not admits(log.total, c.amount, c.quota)]
@@ -128,13 +140,21 @@ class MemoryWindows:
             return Verdict(False, tuple(log.total for log in logs), wait)
         for charge, log in zip(charges, logs):
             if charge.amount > 0:
-                log.add(now, charge.amount)
+                self._reserved[(reservation, charge.bucket)] = (log, log.add(now, charge.amount))
+                if len(self._reserved) > self._max_buckets:
+                    self._reserved.popitem(last=False)  # never settled: it stays charged in full
         return Verdict(True, tuple(log.total for log in logs), 0.0)
 
-    async def charge(self, charges: Sequence[Charge]) -> None:
+    async def settle(self, charges: Sequence[Charge], reservation: str) -> None:
         now = self._clock()
         for charge in charges:
-            if charge.amount > 0:
+            held = self._reserved.pop((reservation, charge.bucket), None)
+            if held is not None:
+                log, entry = held
+                if entry[0] > now - charge.window_seconds:  # still in the window: correct it in place
+                    entry[1] += charge.amount - charge.reserved
+                    log.total += charge.amount - charge.reserved
+            elif charge.amount > 0 and charge.reserved == 0:
                 self._log(charge.bucket, charge.window_seconds, now).add(now, charge.amount)
 
     async def close(self) -> None:

@@ -1,0 +1,69 @@
+"""`edgeproxy serve --workers N`: one embedded log owned by the master, one metrics view over all workers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from bench.mock_upstream import MockUpstream
+
+from .conftest import wait_until
+from .gateway_process import GatewayProcess, rows_in_folder
+
+REQUESTS = 200
+REQUESTS_TOTAL = re.compile(r"^edgeproxy_requests_total\{[^}]*\} (\S+)$", re.MULTILINE)
+
+
+async def send(url: str, count: int, concurrency: int = 16) -> list[str]:
+    """`count` chat requests, each on a new connection so SO_REUSEPORT spreads them over the workers."""
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    gate = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(request_id: str) -> int:
+            body = {"model": "mock-model", "messages": [{"role": "user", "content": request_id}]}
+            headers = {"Content-Type": "application/json", "Helicone-Request-Id": request_id}
+            async with gate, session.post(f"{url}/v1/chat/completions", data=orjson.dumps(body), headers=headers) as r:
+                await r.read()
+                return r.status
+
+        statuses = await asyncio.gather(*(one(request_id) for request_id in ids))
+    assert statuses == [200] * count
+    return ids
+
+
+async def requests_counted(url: str) -> float:
+    """edgeproxy_requests_total summed over its labels, as one scrape (on a new connection) reports it."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        async with session.get(url + "/metrics") as response:
+            text = await response.text()
+    return sum(float(value) for value in REQUESTS_TOTAL.findall(text))
+
+
+async def test_workers_log_into_the_masters_embedded_store_and_share_metrics(mock: MockUpstream, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    gateway = GatewayProcess(data, mock.url, workers=2, env={"EDGEPROXY_LOGS_FLUSH_SECONDS": "0.1"})
+    try:
+        await gateway.start()
+        ids = await send(gateway.url, REQUESTS)
+        # Each worker counts what it served; any scrape, whichever worker answers it, shows the sum.
+
+        async def summed() -> bool:
+            return await requests_counted(gateway.url) == REQUESTS
+
+        await wait_until(summed, timeout=10, interval=0.1)
+        for _ in range(6):
+            assert await requests_counted(gateway.url) == REQUESTS
+        assert await gateway.stop() == 0, gateway.output()
+    finally:
+        gateway.kill()
+    counts = await rows_in_folder(data / "clickhouse")
+    assert set(counts) == set(ids)
+    assert set(counts.values()) == {1}
+
