@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
+from edgeproxy.app import CACHE
 from edgeproxy.cache.entry import CachedResponse, EntrySerializer
 from edgeproxy.cache.key import CacheKey
 from edgeproxy.cache.memory import ENTRY_OVERHEAD, BoundedMemoryCache
@@ -258,3 +260,19 @@ async def test_redis_outage_fails_open_and_recovers(mock, start_gateway: Gateway
         assert int(headers["Helicone-RateLimit-Remaining"]) < 1000
     finally:
         await server.stop()
+
+
+async def test_forced_tenant_mismatch_through_the_gateway_is_a_counted_miss(mock, start_gateway, session):
+    gateway = await start_gateway()
+    store = gateway.app[CACHE].store
+    body = chat()
+    assert (await ask(session, gateway.url, body, ON))[1]["Helicone-Cache"] == "MISS"
+    # Rewrite the stored answer as if another tenant had written it under this key.
+    (slot,) = list(store.cache._entries)
+    serializer = EntrySerializer()
+    entry = serializer.loads(await store.cache._get(slot))
+    await store.cache._set(slot, serializer.dumps(dataclasses.replace(entry, tenant="someone-else/key")))
+    _, headers, _ = await ask(session, gateway.url, body, ON)
+    assert headers["Helicone-Cache"] == "MISS" and len(mock.requests) == 2
+    async with session.get(gateway.url + "/metrics") as response:
+        assert "edgeproxy_cache_tenant_mismatch_total 1.0" in await response.text()

@@ -9,13 +9,14 @@ the same data dir, while the others keep serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,30 +263,42 @@ async def test_rate_limit_is_exact_across_the_fleet(fleet: Fleet) -> None:
         assert (await chat(fleet, node, "one more", headers)).status == 429
 
 
-async def test_cache_entry_written_through_one_is_hit_through_another(fleet: Fleet, mock: MockUpstream) -> None:
+async def test_cache_entry_written_through_one_is_hit_through_another(fleet: Fleet, provider: MockUpstream) -> None:
     prompt = f"cache me {uuid.uuid4()}"
     headers = {"Helicone-Cache-Enabled": "true"}
-    first = await chat(fleet, fleet.nodes[0], prompt, headers)
+    async with cache_write(fleet):
+        first = await chat(fleet, fleet.nodes[0], prompt, headers)
     assert (first.status, first.headers["Helicone-Cache"]) == (200, "MISS")
-
-    # The entry is written just after the response ends; wait for it rather than race it.
-    client = aioredis.Redis.from_url(SHARED_URL)
-    try:
-        await wait_until(lambda: _any_key(client, fleet.prefix), timeout=5)
-    finally:
-        await client.aclose()
     for node in fleet.nodes[1:]:
         hit = await chat(fleet, node, prompt, headers)
         assert (hit.status, hit.headers["Helicone-Cache"]) == (200, "HIT"), node.index
         assert hit.body == first.body
-    upstream_calls = [r for r in mock.requests if r.path == CHAT and prompt.encode() in r.body]
+    upstream_calls = [r for r in provider.requests if r.path == CHAT and prompt.encode() in r.body]
     assert len(upstream_calls) == 1
 
 
-async def _any_key(client: aioredis.Redis, prefix: str) -> bool:
-    async for _key in client.scan_iter(match=prefix + "*", count=1000):
-        return True
-    return False
+@contextlib.asynccontextmanager
+async def cache_write(fleet: Fleet) -> AsyncIterator[None]:
+    """Wait, after the block, until the fleet's Redis holds one more cache entry than before it.
+
+    The entry is written just after its response ends, so a client could otherwise race it.
+    """
+    client = aioredis.Redis.from_url(SHARED_URL)
+    pattern = fleet.prefix + "cache:*"
+
+    async def entries() -> int:
+        return len([key async for key in client.scan_iter(match=pattern, count=1000)])
+
+    try:
+        before = await entries()
+        yield
+        await wait_until(lambda: _more(entries(), before), timeout=5)
+    finally:
+        await client.aclose()
+
+
+async def _more(count: Awaitable[int], than: int) -> bool:
+    return await count > than
 
 
 async def test_every_request_is_logged_exactly_once(fleet: Fleet) -> None:
@@ -300,16 +313,15 @@ async def test_every_request_is_logged_exactly_once(fleet: Fleet) -> None:
     plain = await asyncio.gather(*(send(f"plain {i}") for i in range(30)))
     assert all(r.status == 200 for r in plain)
     # Early exits must be logged too: refusals by the limiter and answers from the cache.
-    limited = await asyncio.gather(*(send("limited", {"Helicone-RateLimit-Policy": "3;w=60;s=global"}) for _ in range(9)))
+    # A window of its own (w=30): the rate-limit test's global bucket is w=60.
+    policy = {"Helicone-RateLimit-Policy": "3;w=30;s=global"}
+    limited = await asyncio.gather(*(send("limited", policy) for _ in range(9)))
     assert sorted(r.status for r in limited) == [200] * 3 + [429] * 6
     cached = {"Helicone-Cache-Enabled": "true"}
-    assert (await send("cached", cached)).headers["Helicone-Cache"] == "MISS"
-    client = aioredis.Redis.from_url(SHARED_URL)
-    try:
-        await wait_until(lambda: _any_key(client, fleet.prefix), timeout=5)
-    finally:
-        await client.aclose()
-    hits = [await send("cached", cached) for _ in range(5)]
+    prompt = f"cached {uuid.uuid4()}"
+    async with cache_write(fleet):
+        assert (await send(prompt, cached)).headers["Helicone-Cache"] == "MISS"
+    hits = [await send(prompt, cached) for _ in range(5)]
     assert [r.headers["Helicone-Cache"] for r in hits] == ["HIT"] * 5
 
     found = await wait_logged(fleet, ids)
@@ -352,12 +364,15 @@ class Load:
                 self.failed.append(node.index)
 
 
-async def test_sigkill_loses_no_flushed_record_and_the_spool_replays(start_fleet: FleetFactory, tmp_path: Path) -> None:
-    # A ClickHouse of its own: this test stops it, so the killed replica dies holding a spool.
+async def test_sigkill_loses_no_flushed_record_and_the_spool_replays(
+    provider: MockUpstream, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # A fleet and a ClickHouse of its own: this test stops ClickHouse, so the killed replica dies
+    # holding a spool, and kills a replica.
     clickhouse = ClickHouseServer(tmp_path / "clickhouse")
     await asyncio.to_thread(clickhouse.start)
+    fleet = await start_fleet(tmp_path, provider.url, clickhouse.url, session)
     try:
-        fleet = await start_fleet(clickhouse.url)
         victim, survivors = fleet.nodes[0], fleet.nodes[1:]
         load = Load(fleet, list(fleet.nodes))
         running = asyncio.create_task(load.run())
@@ -380,8 +395,8 @@ async def test_sigkill_loses_no_flushed_record_and_the_spool_replays(start_fleet
             await victim.kill()
             killed_at = time.monotonic()
             load.live[:] = survivors
-            after_kill = load.ok_from({1, 2})
-            await wait_until(lambda: load.ok_from({1, 2}) >= after_kill + 60, timeout=15)
+            after_kill = load.ok_from({n.index for n in survivors})
+            await wait_until(lambda: load.ok_from({n.index for n in survivors}) >= after_kill + 60, timeout=15)
         finally:
             load.stop()
             await asyncio.wait_for(running, 20)
@@ -411,4 +426,5 @@ async def test_sigkill_loses_no_flushed_record_and_the_spool_replays(start_fleet
         assert found.distinct >= len(expected)
         assert found.distinct <= len(everything)
     finally:
+        await stop_fleet(fleet)
         await asyncio.to_thread(clickhouse.stop)

@@ -152,9 +152,13 @@ async def test_kill_9_loses_at_most_the_last_flush_window(
         await load.until_answered(300)
         if double is not None:
             # The store goes away: from now on batches are spooled, and the kill finds them on disk.
+            t0 = time.monotonic()
             await asyncio.to_thread(double.stop)
+            t1 = time.monotonic()
             await load.until_answered(len(load.answered) + 300)
         killed_at = time.monotonic()
+        if double is not None:
+            print("stop began", killed_at - t0, "ended", killed_at - t1)
         gateway.signal(signal.SIGKILL)
         await gateway.wait()
         await load.stop()

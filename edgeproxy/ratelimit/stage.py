@@ -98,6 +98,7 @@ class RateLimitStage:
                 # An unpriced model reserves nothing (only checks); it is counted as unmetered after.
                 cost = self._prices.cost_usd(ex.model, worst.prompt_tokens, worst.completion_tokens)
                 amount = 0.0 if cost is None else cost * 100.0
+                ex.reserved_usd = cost  # logged beside the settled cost
             charges.append(Charge(a.bucket, a.policy.window_seconds, a.policy.quota, amount))
         return charges
 
