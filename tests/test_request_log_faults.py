@@ -163,6 +163,12 @@ async def test_kill_9_loses_at_most_the_last_flush_window(
         await gateway.wait()
         await load.stop()
         spooled = list((data / "spool").glob("*.jsonl"))
+        spooled_ids = set()
+        for f in spooled:
+            for line in f.read_bytes().split(b"\n")[1:]:
+                if line:
+                    spooled_ids.add(orjson.loads(line)[0])
+        print("spooled ids", len(spooled_ids), [len(f.read_bytes().split(b"\n")) for f in spooled])
         if double is not None:
             assert spooled, "batches spooled while the store was down survive the kill"
             await asyncio.to_thread(double.start)
@@ -175,6 +181,7 @@ async def test_kill_9_loses_at_most_the_last_flush_window(
     assert set(counts.values()) <= {1}
     safe_before = killed_at - flush_seconds - KILL_MARGIN_SECONDS
     lost = {i: t for i, t in load.answered.items() if i not in counts}
+    print("lost&spooled", len(set(lost) & spooled_ids), "lost", len(lost))
     ages = sorted(round(killed_at - t, 3) for t in lost.values())
     assert all(t >= safe_before for t in lost.values()), f"a row older than the flush window was lost: {len(ages)} lost, oldest {ages[-20:]}"
     window = sum(1 for t in load.answered.values() if t >= safe_before)

@@ -1,0 +1,267 @@
+"""Tools the reliability tests share: a raw HTTP/1.1 client, /proc sampling, a mixed load, log rows.
+
+The raw client exists because well-behaved clients refuse to send what these tests must send
+(CR/LF in header values, bytes that are not UTF-8, truncated bodies) and hide what the server
+sent back (header bytes exactly as written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from edgeproxy.logs.store import LogStore
+
+CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hello"}]}
+
+
+@dataclass(frozen=True)
+class RawReply:
+    """A response as the socket delivered it; `status` 0 means the server closed without answering."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    raw: bytes
+
+    def header(self, name: str) -> bytes | None:
+        wanted = name.lower().encode()
+        return next((value for key, value in self.headers if key.lower() == wanted), None)
+
+
+def request_bytes(
+    method: str, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b"", *, length: bool = True
+) -> bytes:
+    """An HTTP/1.1 request with `Connection: close`, headers sent byte for byte as given."""
+    lines = [method.encode() + b" " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
+    lines += [name + b": " + value for name, value in headers]
+    if length:
+        lines.append(b"Content-Length: " + str(len(body)).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+async def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> RawReply:
+    """Send `data`, read until the server closes; an AssertionError if that takes over `timeout`."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(-1), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"no complete answer within {timeout}s to {data[:200]!r}") from None
+    except ConnectionResetError:
+        raw = b""
+    finally:
+        writer.close()
+    return parse_reply(raw)
+
+
+def parse_reply(raw: bytes) -> RawReply:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/"):
+        return RawReply(0, [], b"", raw)
+    status = int(lines[0].split(b" ")[1])
+    headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(b":") for line in lines[1:])]
+    if any(k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in headers):
+        body = dechunk(body)
+    if status == 100:  # `Expect: 100-continue`: the real answer follows
+        return parse_reply(body if body.startswith(b"HTTP/") else raw.split(b"\r\n\r\n", 1)[1])
+    return RawReply(status, headers, body, raw)
+
+
+def dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return bytes(out)
+
+
+# --- /proc ---------------------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of `pid` in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class Sampler:
+    """Samples a process's RSS and open descriptors every `interval` seconds: (time, rss KiB, fds)."""
+
+    pid: int
+    interval: float = 1.0
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        started = time.monotonic()
+        while True:
+            self.samples.append((time.monotonic() - started, rss_kib(self.pid), fd_count(self.pid)))
+            await asyncio.sleep(self.interval)
+
+    def window(self, start: float, end: float) -> list[tuple[float, int, int]]:
+        return [s for s in self.samples if start <= s[0] < end]
+
+    @property
+    def peak_rss_kib(self) -> int:
+        return max(s[1] for s in self.samples)
+
+
+def median_rss(samples: list[tuple[float, int, int]]) -> float:
+    return statistics.median(s[1] for s in samples)
+
+
+# --- a mixed load --------------------------------------------------------------------------------
+
+# Kinds of request in a mixed load, and the status each must end with.
+KINDS: dict[str, int] = {
+    "plain": 200,
+    "stream": 200,
+    "cached": 200,
+    "limited": 429,  # a policy of 0 requests: always refused
+    "broken": 200,  # the mock resets the connection mid-stream: an error event ends the stream
+    "upstream_error": 503,  # the mock answers 503 and the gateway relays it
+}
+
+
+@dataclass
+class MixedLoad:
+    """Concurrent workers sending a weighted mix of request kinds, each with its own request id.
+
+    `sent` maps every request id to (kind, status seen); a status outside the kind's expected one
+    is an error. Workers stop when `stop()` is called or `duration` runs out.
+    """
+
+    url: str
+    concurrency: int = 64
+    duration: float = 60.0
+    weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "plain": 4, "stream": 4, "cached": 3, "limited": 1, "broken": 0.5, "upstream_error": 0.5,
+        }
+    )  # fmt: skip
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    sent: dict[str, tuple[str, int]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        deadline = time.monotonic() + self.duration
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await asyncio.gather(*(self._worker(session, deadline) for _ in range(self.concurrency)))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def counts(self) -> Counter[str]:
+        return Counter(kind for kind, _ in self.sent.values())
+
+    async def _worker(self, session: aiohttp.ClientSession, deadline: float) -> None:
+        kinds, weights = list(self.weights), list(self.weights.values())
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            kind = random.choices(kinds, weights)[0]
+            request_id = str(uuid.uuid4())
+            body, headers = mixed_request(kind, request_id)
+            headers.update(self.extra_headers)
+            started = time.perf_counter()
+            try:
+                async with session.post(f"{self.url}/v1/chat/completions", data=body, headers=headers) as response:
+                    data = await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                self.sent[request_id] = (kind, 0)
+                self.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+                continue
+            self.latencies[kind].append(time.perf_counter() - started)
+            self.sent[request_id] = (kind, status)
+            problem = check_mixed(kind, status, data)
+            if problem:
+                self.errors.append(f"{kind} {request_id}: {problem}")
+
+
+def mixed_request(kind: str, request_id: str) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of one request of `kind`."""
+    headers = {"Content-Type": "application/json", "Helicone-Request-Id": request_id}
+    content = f"{kind} {request_id}"
+    body: dict[str, Any] = {"model": "mock-model", "messages": [{"role": "user", "content": content}]}
+    if kind == "stream":
+        body["stream"] = True
+        headers["X-Mock-Chunks"] = "8"
+    elif kind == "cached":
+        # A handful of questions asked over and over: nearly all are hits.
+        body["messages"][0]["content"] = f"cached question {random.randrange(20)}"
+        headers["Helicone-Cache-Enabled"] = "true"
+    elif kind == "limited":
+        headers["Helicone-RateLimit-Policy"] = "0;w=60"
+    elif kind == "broken":
+        body["stream"] = True
+        headers["X-Mock-Fail-After"] = "2"
+    elif kind == "upstream_error":
+        headers["X-Mock-Status"] = "503"
+    return orjson.dumps(body), headers
+
+
+def check_mixed(kind: str, status: int, data: bytes) -> str:
+    """Why this answer is wrong for its kind, or '' when it is right."""
+    expected = KINDS[kind]
+    if status != expected:
+        return f"status {status}, expected {expected}: {data[:200]!r}"
+    if kind == "stream" and not data.endswith(b"data: [DONE]\n\n"):
+        return f"stream cut short: {data[-200:]!r}"
+    if kind == "broken" and b'"upstream_stream_error"' not in data[-400:]:
+        return f"broken stream without its error event: {data[-200:]!r}"
+    if kind == "cached" and b"cached question" not in data:
+        return f"wrong cached answer: {data[:200]!r}"
+    return ""
+
+
+# --- the request log -----------------------------------------------------------------------------
+
+
+async def logged_rows(store: LogStore, columns: str = "status, outcome, user_id, error") -> dict[str, dict[str, Any]]:
+    """Request id → its row (read with FINAL, as the log's readers must)."""
+    rows = await store.query(f"SELECT toString(request_id) AS id, {columns} FROM {store.qualified} FINAL")
+    return {row.pop("id"): row for row in rows}
+
+
+async def stored_copies(store: LogStore) -> tuple[int, int]:
+    """(rows stored, distinct request ids): equal when nothing was logged twice."""
+    rows = await store.query(
+        f"SELECT count() AS stored, uniqExact(request_id) AS distinct_ids FROM {store.qualified} FINAL"
+    )
+    return int(rows[0]["stored"]), int(rows[0]["distinct_ids"])
