@@ -9,7 +9,7 @@ PORT ?= 8787
 MOCK_PORT ?= 9999
 PYTEST_ARGS ?=
 
-.PHONY: run demo test reliability bench install install-test services lint clean help
+.PHONY: run demo test reliability bench install install-test services browser lint clean help
 
 help:
 	@echo "make run          run the gateway on embedded defaults (http://$(HOST):$(PORT)/v1)"
@@ -54,7 +54,11 @@ services:
 	  for i in $$(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done; }
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null && echo "redis: up on 127.0.0.1:6379"
 
-test: install-test services
+# Headless Chromium for the admin page test: Debian's build (Playwright's own download is not used).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: install-test services browser
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 reliability: install-test services

@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-
 from prometheus_client import CollectorRegistry
 
 from .admin.api import add_admin_routes
@@ -48,7 +47,10 @@ def create_app(settings: Settings) -> web.Application:
     """The gateway as an aiohttp Application; `make run` and the tests build it the same way."""
     # The body limit is enforced by Intake with a 413 in the provider's shape; aiohttp's own
     # limit is set just above it so a huge body is never buffered whole.
-    app = web.Application(client_max_size=settings.server.max_body_bytes + 1, handler_args={"max_field_size": 16384})
+    # aiohttp's keep-alive timer also runs while a request head is being read (its only bound
+    # on a slowloris head); the body is bounded by Intake.
+    handler_args = {"max_field_size": 16384, "keepalive_timeout": settings.server.idle_seconds}
+    app = web.Application(client_max_size=settings.server.max_body_bytes + 1, handler_args=handler_args)
     app[SETTINGS] = settings
     app[UPSTREAMS] = Upstreams(settings)
     app[STATE] = {"ready": False}

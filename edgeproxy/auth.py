@@ -125,7 +125,8 @@ class KeyVerifier:
 
     def verify(self, token: str) -> Identity:
         """The key's Identity, or a GatewayError(401) saying why not."""
-        if len(token) > MAX_TOKEN_CHARS:
+        # A JWT is ASCII; anything else (a header byte decoded with surrogateescape) would break pyjwt.
+        if len(token) > MAX_TOKEN_CHARS or not token.isascii():
             raise refused("malformed key", "malformed_key")
         try:
             claims = self._decoder.decode(

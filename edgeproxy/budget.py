@@ -9,7 +9,6 @@ settled after) slots into `_admit`/`_settle` without changing the stage's shape.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict

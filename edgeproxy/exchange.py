@@ -144,6 +144,3 @@ class Exchange:
         if self.client_first_byte is not None and upstream_ready is not None:
             added += max(0.0, self.client_first_byte - upstream_ready)
         return added * 1000.0
-
-    def elapsed_ms(self, since: float | None = None) -> float:
-        return (time.perf_counter() - (since if since is not None else self.started)) * 1000.0

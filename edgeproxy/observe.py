@@ -14,8 +14,8 @@ from .completion import assemble_stream
 from .errors import GatewayError
 from .exchange import Exchange
 from .logs.record import LogRecord, cap_body
-from .pipeline import Handler
 from .metrics import Metrics, endpoint_of
+from .pipeline import Handler
 from .pricing import PriceTable
 
 log = logging.getLogger("edgeproxy.observe")

@@ -15,6 +15,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import orjson
+from yarl import URL
 
 from .errors import bad_header
 
@@ -108,6 +109,13 @@ def parse_options(headers: Mapping[str, str], default_id: str) -> RequestOptions
 def _text(value: str, name: str) -> str:
     if len(value) > MAX_VALUE_CHARS:
         raise bad_header(name, f"at most {MAX_VALUE_CHARS} characters", value)
+    # aiohttp decodes header bytes with surrogateescape; such a value would poison a whole log
+    # batch (ClickHouse and the spool both refuse it), so it stops here.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_header(name, "valid UTF-8", value) from None
     return value
 
 
@@ -143,7 +151,7 @@ def _bearer(value: str | None, name: str) -> str | None:
     if value is None:
         return None
     scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    if scheme.lower() != "bearer" or not token.strip() or not token.isascii():
         # Never echo a credential back: name the header, not its value.
         raise bad_header(name, "'Bearer <key>'", "<redacted>")
     return token.strip()
@@ -165,10 +173,18 @@ def _properties(headers: Mapping[str, str]) -> dict[str, str]:
 def _target_url(value: str | None) -> str | None:
     if value is None:
         return None
-    parts = urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise bad_header("Helicone-Target-URL", "an absolute http(s) URL", value)
-    return value.strip().rstrip("/")
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+        # The allowlist is checked on urlsplit's reading, the request made with yarl's: both must
+        # name the same host and port (a backslash or user info can make them differ).
+        parsed = URL(text)
+        agree = parsed.host == parts.hostname and parsed.explicit_port == parts.port
+    except ValueError:  # an unparseable port or IPv6 literal
+        agree = False
+    if not agree or parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        raise bad_header("Helicone-Target-URL", "an absolute http(s) URL without user info", value)
+    return text.rstrip("/")
 
 
 # Companion headers are validated even when their feature is off: a typo must not pass silently.

@@ -8,6 +8,7 @@ Each stage is `async (exchange, call_next) -> response`; a stage refuses by rais
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -61,9 +62,15 @@ class Intake:
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(limit)
         try:
-            ex.body = await request.read()
+            async with asyncio.timeout(self._settings.server.body_seconds):
+                ex.body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(limit) from None
+        except TimeoutError:
+            seconds = self._settings.server.body_seconds
+            raise GatewayError(408, f"Request body not received within {seconds:g}s", code="body_timeout") from None
+        except web.RequestPayloadError:  # e.g. a body that does not match its Content-Encoding
+            raise GatewayError(400, "Request body could not be read or decoded", code="bad_body") from None
         ex.capture = Capture(limit=self._capture_limit)
         return await call_next(ex)
 

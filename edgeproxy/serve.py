@@ -90,7 +90,7 @@ def _run_workers(settings: Settings) -> int:
 def _spawn_and_wait(settings: Settings) -> list[BaseProcess]:
     """Start the workers, forward SIGTERM/SIGINT to them, and return once all have exited."""
     context = multiprocessing.get_context("spawn")
-    workers = [
+    workers: list[BaseProcess] = [
         context.Process(target=_run_worker, args=(settings,), kwargs={"reuse_port": True}, name=f"edgeproxy-{i}")
         for i in range(settings.server.workers)
     ]

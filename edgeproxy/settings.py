@@ -33,6 +33,11 @@ class ServerSettings:
     data_dir: str = "./.edgeproxy"
     max_body_bytes: int = 32 * 1024 * 1024
     drain_seconds: float = 30.0
+    # Slow clients: a connection must complete its request head within `idle_seconds` of opening
+    # (or of its last response; idle keep-alive connections close then too), and its whole body
+    # within `body_seconds` of the head, else it is closed (head) or answered 408 (body).
+    idle_seconds: float = 60.0
+    body_seconds: float = 60.0
     # Shown to clients and logs only; never used for routing.
     name: str = "edgeproxy"
 
@@ -283,7 +288,7 @@ def load_settings(
     if "EDGEPROXY_TARGET_URL_ALLOWLIST" in env:
         values["target_url_allowlist"] = env["EDGEPROXY_TARGET_URL_ALLOWLIST"]
 
-    built = {name: _build(cls, values[name], name) for name, cls in _SECTIONS.items()}
+    built: dict[str, Any] = {name: _build(cls, values[name], name) for name, cls in _SECTIONS.items()}
     targets = _targets(raw, env, flags)
     apps = {k: _build(AppPolicy, v, f"apps.{k}") for k, v in _table(raw, "apps").items()}
     prices = {k: _build(Price, v, f"prices.{k}") for k, v in _table(raw, "prices").items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import GatewayError
 from .settings import Settings, TargetSettings
@@ -50,6 +50,8 @@ def resolve_route(settings: Settings, path: str, target_url: str | None) -> Rout
         if name not in settings.targets:
             known = ", ".join(sorted(settings.targets))
             raise GatewayError(400, f"Unknown target {name!r}; configured targets: {known}", code="unknown_target")
+    if _climbs(rest):
+        raise GatewayError(400, "Path segments '.' and '..' are not allowed", code="invalid_path")
     if target_url is not None:
         if name != settings.default_target or not path.startswith("/v1"):
             raise GatewayError(
@@ -57,6 +59,15 @@ def resolve_route(settings: Settings, path: str, target_url: str | None) -> Rout
             )
         return Route(_ad_hoc_target(settings, target_url), rest, ad_hoc=True)
     return Route(settings.targets[name], rest)
+
+
+def _climbs(path: str) -> bool:
+    """A `.` or `..` segment: the upstream client would resolve it and leave the target's base path.
+
+    The path arrives decoded once, and the client decodes `%2e` once more, so both readings count.
+    """
+    readings = (path, unquote(path))
+    return any(segment in (".", "..") for text in readings for segment in text.replace("\\", "/").split("/"))
 
 
 def _ad_hoc_target(settings: Settings, url: str) -> TargetSettings:

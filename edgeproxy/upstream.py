@@ -13,13 +13,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from .completion import ask_for_usage, read_usage
 from .errors import GatewayError
 from .exchange import Exchange
 from .metrics import Metrics
 from .options import RetryPolicy
 from .routing import DeploymentState, Route, Router
 from .settings import Settings, TargetSettings
-from .completion import ask_for_usage, read_usage
 from .streaming import error_event, relay
 from .targets import client_headers, upstream_headers, upstream_url
 

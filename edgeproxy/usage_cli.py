@@ -265,7 +265,8 @@ def usage_text(data: Mapping[str, Any]) -> str:
     if data.get("series") is not None:
         series_headers = ("BUCKET (UTC)", group, *headers[1:])
         series = [(_time(row["time"]), *_usage_row(row["key"] or "(none)", row)) for row in data["series"]]
-        parts += ["", f"per {data['interval_seconds']} s", render_table(series_headers, series, frozenset(range(2, 10)))]
+        every = _interval(data["interval_seconds"])
+        parts += ["", f"per {every}", render_table(series_headers, series, frozenset(range(2, 10)))]
     return "\n".join(parts)
 
 
@@ -277,7 +278,7 @@ def record_text(record: Mapping[str, Any]) -> str:
         if name in ("request_body", "response_body"):
             continue
         shown = orjson.dumps(value).decode() if isinstance(value, (dict, list)) else ("-" if value is None else str(value))
-        lines.append(f"{name.ljust(width)}  {shown}")
+        lines.append(f"{name.ljust(width)}  {shown}".rstrip())
     for name in ("request_body", "response_body"):
         lines += ["", f"--- {name} ---", _pretty(record.get(name))]
     return "\n".join(lines)
@@ -295,6 +296,13 @@ def _usage_row(key: str, row: Mapping[str, Any]) -> tuple[str, ...]:
         _number(row["p50_latency_ms"], 1),
         _number(row["p95_latency_ms"], 1),
     )
+
+
+def _interval(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _cell(value: str) -> str:

@@ -40,17 +40,17 @@ class GatewayProcess:
         self.env = env or {}
         self.port = 0
         self.log_path = data_dir.with_name(data_dir.name + ".log")
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, timeout: float = 30.0) -> None:
-        """Start on a free port and wait until every worker could answer `/readyz`."""
+        """Start on a free port and wait until it answers `/readyz`."""
         self.port = free_port()
         command = [
-            sys.executable, "-m", "edgeproxy", "serve",
+            "-m", "edgeproxy", "serve",
             "--port", str(self.port),
             "--data-dir", str(self.data_dir),
             "--upstream", self.upstream,
@@ -59,11 +59,13 @@ class GatewayProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, *command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while True:
-                if self.proc.poll() is not None:
+                if self.proc.returncode is not None:
                     raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
                 try:
                     async with session.get(self.url + "/readyz") as response:
@@ -82,28 +84,26 @@ class GatewayProcess:
     async def wait(self, timeout: float = 30.0) -> int:
         """The exit code, once the process has exited."""
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gateway still running after {timeout}s:\n{self.output()}")
-            await asyncio.sleep(0.02)
-        return self.proc.returncode
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"gateway still running after {timeout}s:\n{self.output()}") from None
 
     async def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; a gateway that outlives `timeout` is killed and the test fails."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.signal(signal.SIGTERM)
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.signal(signal.SIGTERM)
         try:
             return await self.wait(timeout)
         finally:
-            self.kill()
+            await self.kill()
 
-    def kill(self) -> None:
-        """SIGKILL, if still running (the workers of a multi-worker gateway are its children)."""
-        if self.proc is not None and self.proc.poll() is None:
+    async def kill(self) -> None:
+        """SIGKILL, if still running."""
+        if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
-            self.proc.wait()
+            await self.proc.wait()
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
@@ -137,6 +137,14 @@ class Load:
             if time.monotonic() > deadline:
                 raise AssertionError(f"only {len(self.answered)} of {count} answered ({self.failed} failed)")
             await asyncio.sleep(0.01)
+
+    async def run_for(self, seconds: float) -> None:
+        """Keep the load going `seconds` longer (a phase of a fault test), failing if nothing gets answered."""
+        answered = len(self.answered)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(self.answered) > answered, f"no request answered in {seconds}s ({self.failed} failed)"
 
     async def _worker(self, index: int) -> None:
         async with aiohttp.ClientSession() as session:

@@ -51,19 +51,41 @@ def request_bytes(
 
 
 async def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> RawReply:
-    """Send `data`, read until the server closes; an AssertionError if that takes over `timeout`."""
+    """Send `data` and read one response; an AssertionError if it is not complete within `timeout`."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = bytearray()
     try:
         writer.write(data)
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(-1), timeout)
-    except asyncio.TimeoutError:
-        raise AssertionError(f"no complete answer within {timeout}s to {data[:200]!r}") from None
-    except ConnectionResetError:
-        raw = b""
+        async with asyncio.timeout(timeout):
+            while not complete(received):
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                received += chunk
+    except TimeoutError:
+        raise AssertionError(f"no complete answer within {timeout}s to {data[:200]!r}: got {bytes(received[:300])!r}") from None
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # the server refused early (e.g. a head too large); what it sent first still counts
     finally:
         writer.close()
-    return parse_reply(raw)
+    return parse_reply(bytes(received))
+
+
+def complete(raw: bytes | bytearray) -> bool:
+    """Whether `raw` holds a whole response (by Content-Length or chunked framing; else until close)."""
+    head, found, body = bytes(raw).partition(b"\r\n\r\n")
+    if not found:
+        return False
+    if head.startswith(b"HTTP/1.1 100"):
+        return complete(body)
+    lowered = head.lower()
+    if b"transfer-encoding: chunked" in lowered:
+        return body.endswith(b"0\r\n\r\n")
+    for line in lowered.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False  # no framing: the body ends when the server closes
 
 
 def parse_reply(raw: bytes) -> RawReply:
@@ -73,10 +95,10 @@ def parse_reply(raw: bytes) -> RawReply:
         return RawReply(0, [], b"", raw)
     status = int(lines[0].split(b" ")[1])
     headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(b":") for line in lines[1:])]
+    if status == 100:  # `Expect: 100-continue`: the real answer follows
+        return parse_reply(body)
     if any(k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in headers):
         body = dechunk(body)
-    if status == 100:  # `Expect: 100-continue`: the real answer follows
-        return parse_reply(body if body.startswith(b"HTTP/") else raw.split(b"\r\n\r\n", 1)[1])
     return RawReply(status, headers, body, raw)
 
 
@@ -265,3 +287,25 @@ async def stored_copies(store: LogStore) -> tuple[int, int]:
         f"SELECT count() AS stored, uniqExact(request_id) AS distinct_ids FROM {store.qualified} FINAL"
     )
     return int(rows[0]["stored"]), int(rows[0]["distinct_ids"])
+
+
+def raw_exchange_sync(port: int, data: bytes, timeout: float = 10.0) -> RawReply:
+    """`raw_exchange` for a worker thread (hypothesis drives examples synchronously)."""
+    import socket
+
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            while not complete(received):
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        except TimeoutError:
+            raise AssertionError(f"no complete answer within {timeout}s to {data[:200]!r}") from None
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    return parse_reply(bytes(received))

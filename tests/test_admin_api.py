@@ -22,7 +22,15 @@ from bench.mock_upstream import MockUpstream
 from edgeproxy.admin.api import add_admin_routes, client_allowed
 from edgeproxy.errors import GatewayError
 from edgeproxy.settings import load_settings
-from tests.admin_traffic import ADMIN_KEY, TEMPERATURE, Sent, now_ms, send_traffic, serve_gateway, wait_for_rows
+from tests.admin_traffic import (
+    ADMIN_KEY,
+    TEMPERATURE,
+    Sent,
+    now_ms,
+    send_traffic,
+    serve_gateway,
+    wait_for_rows,
+)
 
 from .conftest import GatewayFactory
 
@@ -57,9 +65,11 @@ async def logged(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 async def get(url: str, path: str, params: dict[str, str] | None = None, key: str | None = ADMIN_KEY) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{url}/admin/v1/{path}", params=params or {}, headers=headers) as response:
-            return response.status, await response.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/admin/v1/{path}", params=params or {}, headers=headers) as response,
+    ):
+        return response.status, await response.json()
 
 
 async def listed(logged: Logged, **params: str) -> list[dict[str, Any]]:

@@ -176,7 +176,10 @@ class Launch:
         """What `edgeproxy <argv>` would run with (the flags as cli.main reads them)."""
         assert self.argv[0] == "edgeproxy", self.argv
         args = build_parser().parse_args(self.argv[1:])
-        flags = {key: getattr(args, key, None) for key in ("config", "host", "port", "workers", "upstream", "data_dir")}
+        flags = {
+            key: getattr(args, key, None)
+            for key in ("config", "host", "port", "workers", "upstream", "data_dir")
+        }
         return load_settings(env=self.local_env(), flags=flags)
 
 
@@ -285,9 +288,14 @@ def test_yaml_files_parse() -> None:
 
 def test_kubernetes_objects_match_their_schemas() -> None:
     objects = k8s_objects()
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap", "Secret"} <= set(
-        objects
-    )
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ConfigMap",
+        "Secret",
+    } <= set(objects)
     for kind, obj in objects.items():
         if kind in ("ServiceMonitor", "Kustomization"):
             continue
@@ -335,7 +343,9 @@ def test_labels_and_selectors_line_up() -> None:
     assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels)
     assert selects(service["spec"]["selector"], pod_labels)
     assert selects(objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"], pod_labels)
-    assert selects(objects["ServiceMonitor"]["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert selects(
+        objects["ServiceMonitor"]["spec"]["selector"]["matchLabels"], service["metadata"]["labels"]
+    )
     target = objects["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     # The HPA owns the replica count; a fixed one in the Deployment would fight it on every apply.
@@ -375,8 +385,17 @@ def test_env_vars_are_real_settings(tmp_path: Path) -> None:
 
 def test_env_names_are_derived_not_listed() -> None:
     names = setting_env_names(load_settings(env={}))
-    assert {"EDGEPROXY_LOGS_CLICKHOUSE_URL", "EDGEPROXY_SERVER_DRAIN_SECONDS", "EDGEPROXY_CACHE_KEY_PREFIX"} <= names
-    assert {"EDGEPROXY_UPSTREAM", "EDGEPROXY_CONFIG", "EDGEPROXY_WORKERS", "EDGEPROXY_TARGETS_OPENAI_API_KEY"} <= names
+    assert {
+        "EDGEPROXY_LOGS_CLICKHOUSE_URL",
+        "EDGEPROXY_SERVER_DRAIN_SECONDS",
+        "EDGEPROXY_CACHE_KEY_PREFIX",
+    } <= names
+    assert {
+        "EDGEPROXY_UPSTREAM",
+        "EDGEPROXY_CONFIG",
+        "EDGEPROXY_WORKERS",
+        "EDGEPROXY_TARGETS_OPENAI_API_KEY",
+    } <= names
     assert "EDGEPROXY_LOG_CLICKHOUSE_URL" not in names
     assert "EDGEPROXY_TARGETS_ANTHROPIC_API_KEY" not in names  # no such target configured
 
@@ -389,7 +408,9 @@ def test_secret_env_reaches_the_settings(tmp_path: Path) -> None:
     assert settings.targets["anthropic"].api_key == secret["EDGEPROXY_TARGETS_ANTHROPIC_API_KEY"]
     assert settings.auth.jwt_secret == secret["EDGEPROXY_AUTH_JWT_SECRET"]
     assert settings.logs.password == secret["EDGEPROXY_LOGS_PASSWORD"]
-    assert all(value.startswith("REPLACE-ME") for value in secret.values()), "the Secret holds placeholders only"
+    assert all(value.startswith("REPLACE-ME") for value in secret.values()), (
+        "the Secret holds placeholders only"
+    )
     assert settings.server.workers == cpus(pod_container(k8s_objects())["resources"]["limits"]["cpu"])
 
 
@@ -399,7 +420,9 @@ def test_commands_are_cli_commands(tmp_path: Path) -> None:
         assert launch.argv[0] == "edgeproxy"
         args = parser.parse_args(launch.argv[1:])  # an unknown subcommand or flag exits
         assert args.command == "serve"
-        assert args.host == "0.0.0.0", f"{launch.name}: the gateway must listen beyond the container's loopback"
+        assert args.host == "0.0.0.0", (
+            f"{launch.name}: the gateway must listen beyond the container's loopback"
+        )
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--no-such-flag"])
 
@@ -459,12 +482,35 @@ def test_compose_wires_the_stack(tmp_path: Path) -> None:
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith(".") and "grafana" not in source:
+            if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name}: {source} does not exist"
             elif not source.startswith("."):
                 assert source in spec["volumes"], f"{name}: named volume {source} is not declared"
     # Data volume: where the image keeps its data dir.
     assert f"gateway-data:{settings.server.data_dir}" in gateway["volumes"]
+
+
+def test_grafana_datasources_name_the_compose_services() -> None:
+    services = compose()["services"]
+    clickhouse_env = {k: interpolate(str(v)) for k, v in services["clickhouse"]["environment"].items()}
+    grafana_env = {k: interpolate(str(v)) for k, v in services["grafana"]["environment"].items()}
+    datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/edgeproxy.yaml").read_text())
+    by_type = {d["type"]: d for d in datasources["datasources"]}
+    published = {int(p.split(":")[-1]) for p in services["prometheus"]["ports"]}
+    assert by_type["prometheus"]["url"] in {f"http://prometheus:{port}" for port in published}
+    clickhouse = by_type["grafana-clickhouse-datasource"]["jsonData"]
+    assert (clickhouse["host"], clickhouse["port"]) == ("clickhouse", 8123)
+    assert clickhouse["username"] == clickhouse_env["CLICKHOUSE_USER"]
+    assert clickhouse["defaultDatabase"] == clickhouse_env["CLICKHOUSE_DB"]
+    assert "grafana-clickhouse-datasource" in grafana_env["GF_INSTALL_PLUGINS"].split(",")
+    password = by_type["grafana-clickhouse-datasource"]["secureJsonData"]["password"]
+    assert (
+        password.startswith("$")
+        and grafana_env[password.lstrip("${").rstrip("}")] == clickhouse_env["CLICKHOUSE_PASSWORD"]
+    )
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/edgeproxy.yaml").read_text())
+    paths = {p["options"]["path"] for p in provider["providers"]}
+    assert paths == {"/var/lib/grafana/dashboards"}, "the compose file mounts the dashboards there"
 
 
 def test_shutdown_fits_the_grace_periods(tmp_path: Path) -> None:
@@ -479,7 +525,9 @@ def test_shutdown_fits_the_grace_periods(tmp_path: Path) -> None:
 
     grace = compose()["services"]["gateway"]["stop_grace_period"]
     assert grace.endswith("s")
-    assert float(grace[:-1]) >= compose_launch(tmp_path).settings().server.drain_seconds + FLUSH_MARGIN_SECONDS
+    assert (
+        float(grace[:-1]) >= compose_launch(tmp_path).settings().server.drain_seconds + FLUSH_MARGIN_SECONDS
+    )
 
 
 def test_resources_and_spool_fit(tmp_path: Path) -> None:
@@ -493,7 +541,10 @@ def test_resources_and_spool_fit(tmp_path: Path) -> None:
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     data = volumes[mounts[settings.server.data_dir]]
     # Each worker process keeps its own spool budget, so the volume must hold all of them.
-    assert byte_quantity(data["emptyDir"]["sizeLimit"]) >= settings.server.workers * settings.logs.spool_max_bytes
+    assert (
+        byte_quantity(data["emptyDir"]["sizeLimit"])
+        >= settings.server.workers * settings.logs.spool_max_bytes
+    )
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     writable = set(mounts) - {m["mountPath"] for m in container["volumeMounts"] if m.get("readOnly")}
     assert {settings.server.data_dir, "/tmp"} <= writable
@@ -502,7 +553,9 @@ def test_resources_and_spool_fit(tmp_path: Path) -> None:
 def test_dockerfile_is_slim_pinned_and_non_root() -> None:
     instructions = dockerfile()
     for base in (ins.value.split()[0] for ins in instructions if ins.keyword == "FROM"):
-        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base), f"pin a slim 3.11 patch release, got {base}"
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base), (
+            f"pin a slim 3.11 patch release, got {base}"
+        )
     stage = final_stage(instructions)
     user = [ins.value for ins in stage if ins.keyword == "USER"][-1]
     uid = user.split(":")[0]
@@ -529,7 +582,12 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
         assert not ignored(source, patterns), f"{source} is copied but .dockerignore drops it"
         for inner in (ROOT / source).rglob("*.py") if (ROOT / source).is_dir() else ():
             assert not ignored(str(inner.relative_to(ROOT)), patterns), inner
-    for kept_out in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "edgeproxy/__pycache__/app.cpython-311.pyc"):
+    for kept_out in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/conftest.py",
+        "edgeproxy/__pycache__/app.cpython-311.pyc",
+    ):
         assert ignored(kept_out, patterns), kept_out
 
 
@@ -567,7 +625,9 @@ def run_entrypoint(tmp_path: Path, cpu_max: str | None, **env: str) -> dict[str,
     path = tmp_path / "entrypoint"
     path.write_text(script.replace(CPU_MAX, str(cpu_file)))
     base = {k: v for k, v in os.environ.items() if k != "EDGEPROXY_WORKERS"}
-    done = subprocess.run(["sh", str(path), "env"], env={**base, **env}, capture_output=True, text=True, timeout=10)
+    done = subprocess.run(
+        ["sh", str(path), "env"], check=False, env={**base, **env}, capture_output=True, text=True, timeout=10
+    )
     assert done.returncode == 0, done.stderr
     return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
@@ -605,8 +665,11 @@ async def test_probes_and_scrape_paths_answer(start_gateway: GatewayFactory, tmp
     port = gateway.url.rsplit(":", 1)[1]
     for env_port, expected in ((port, 0), (str(free_port()), 1)):
         process = await asyncio.create_subprocess_exec(
-            sys.executable, *check[1:], env={**os.environ, "EDGEPROXY_PORT": env_port},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            sys.executable,
+            *check[1:],
+            env={**os.environ, "EDGEPROXY_PORT": env_port},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         assert await asyncio.wait_for(process.wait(), 10) == expected
 
@@ -660,5 +723,7 @@ def test_readme_documents_the_cluster_layout() -> None:
     assert match, "the README holds the DDL `edgeproxy migrate --cluster NAME` prints"
     settings = load_settings(DEPLOY / "edgeproxy.toml", env={})
     ddl = cluster_ddl(settings.logs, match.group(1))
-    assert ddl.strip() in readme, "the README's DDL is stale: paste `edgeproxy migrate --cluster` output again"
+    assert ddl.strip() in readme, (
+        "the README's DDL is stale: paste `edgeproxy migrate --cluster` output again"
+    )
     assert "ReplicatedReplacingMergeTree" in ddl and "Distributed(" in ddl

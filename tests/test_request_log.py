@@ -359,9 +359,8 @@ def check_row(row: dict[str, Any], want: Expect, kind: str) -> None:
 
 
 async def metric(gateway: RunningGateway, name: str, labels: str) -> float:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(gateway.url + "/metrics") as response:
-            text = await response.text()
+    async with aiohttp.ClientSession() as session, session.get(gateway.url + "/metrics") as response:
+        text = await response.text()
     match = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 

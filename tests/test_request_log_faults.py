@@ -22,14 +22,17 @@ import pytest
 
 from bench.mock_upstream import MockUpstream
 from edgeproxy.app import LOG_BATCHER, LOG_STORE
+from edgeproxy.logs.batcher import MIN_INSERT_PATIENCE
 
 from .clickhouse_server import ClickHouseServer
 from .conftest import GatewayFactory, wait_until
 from .gateway_process import GatewayProcess, Load, rows_in_folder
 
 CHAT = orjson.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "hello"}]})
-# Rows answered this long before a kill -9, beyond flush_seconds, must have been flushed.
-KILL_MARGIN_SECONDS = 0.5
+FLUSH_SECONDS = 0.5
+# The documented kill -9 window (a batch filling, and one given its insert patience), plus
+# scheduling slack on a loaded 2-core machine: rows answered before it must survive.
+WINDOW = FLUSH_SECONDS + MIN_INSERT_PATIENCE + 0.5
 
 
 @pytest.fixture
@@ -75,10 +78,11 @@ async def test_clickhouse_outage_costs_no_latency_and_loses_nothing(
         await timed(session, gateway.base_url, 50)  # warm up: pools, migrations
         await wait_until(lambda: batcher.stats.rows_written + batcher.stats.rows_replayed >= 50, timeout=10)
         up = await timed(session, gateway.base_url, 300)
+        spooled = batcher.stats.rows_spooled  # the first batches wait in the spool for the migrations
         # A stopped server refuses connections; a frozen one accepts them and never answers.
         await asyncio.to_thread(double.stop if outage == "stopped" else double.pause)
         down = await timed(session, gateway.base_url, 300)
-        await wait_until(lambda: batcher.stats.rows_spooled > 0, timeout=10)
+        await wait_until(lambda: batcher.stats.rows_spooled > spooled, timeout=10)
         # Still down: the requests of this phase, too, went straight through.
         down += await timed(session, gateway.base_url, 100)
     await asyncio.to_thread(double.start if outage == "stopped" else double.resume)
@@ -124,7 +128,7 @@ async def test_sigterm_under_load_loses_nothing(mock: MockUpstream, tmp_path: Pa
         await gateway.start()
         assert await gateway.stop() == 0, gateway.output()
     finally:
-        gateway.kill()
+        await gateway.kill()
     counts = await rows_in_folder(data / "clickhouse")
     missing = set(load.answered) - set(counts)
     assert not missing, f"{len(missing)} of {len(load.answered)} answered requests are not in the log"
@@ -133,15 +137,22 @@ async def test_sigterm_under_load_loses_nothing(mock: MockUpstream, tmp_path: Pa
     print(f"\nSIGTERM: {len(load.answered)} answered, {len(counts)} rows, {load.failed} requests refused")
 
 
-@pytest.mark.parametrize("store", ["embedded", "server-down"])
+@pytest.mark.parametrize(
+    "store",
+    [
+        "embedded",
+        # The server variants run an outage phase first; make reliability runs them.
+        pytest.param("server-stopped", marks=pytest.mark.slow),
+        pytest.param("server-frozen", marks=pytest.mark.slow),
+    ],
+)
 async def test_kill_9_loses_at_most_the_last_flush_window(
     store: str, mock: MockUpstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    flush_seconds = 0.5
     data = tmp_path / "data"
-    env = {"EDGEPROXY_LOGS_FLUSH_SECONDS": str(flush_seconds)}
+    env = {"EDGEPROXY_LOGS_FLUSH_SECONDS": str(FLUSH_SECONDS)}
     double: ClickHouseServer | None = None
-    if store == "server-down":
+    if store != "embedded":
         double = request.getfixturevalue("double")
         env |= {"EDGEPROXY_LOGS_CLICKHOUSE_URL": double.url, "EDGEPROXY_LOGS_CONNECT_TIMEOUT_SECONDS": "1"}
     gateway = GatewayProcess(data, mock.url, env=env)
@@ -151,44 +162,33 @@ async def test_kill_9_loses_at_most_the_last_flush_window(
         load.start()
         await load.until_answered(300)
         if double is not None:
-            # The store goes away: from now on batches are spooled, and the kill finds them on disk.
-            t0 = time.monotonic()
-            await asyncio.to_thread(double.stop)
-            t1 = time.monotonic()
-            await load.until_answered(len(load.answered) + 300)
+            # The store goes away (refusing, or hung): batches must reach the spool all the same.
+            await asyncio.to_thread(double.stop if store == "server-stopped" else double.pause)
+        # Long enough that requests answered before the window are at stake too.
+        await load.run_for(WINDOW + 1.0)
         killed_at = time.monotonic()
-        if double is not None:
-            print("stop began", killed_at - t0, "ended", killed_at - t1)
         gateway.signal(signal.SIGKILL)
         await gateway.wait()
         await load.stop()
         spooled = list((data / "spool").glob("*.jsonl"))
-        spooled_ids = set()
-        for f in spooled:
-            for line in f.read_bytes().split(b"\n")[1:]:
-                if line:
-                    spooled_ids.add(orjson.loads(line)[0])
-        print("spooled ids", len(spooled_ids), [len(f.read_bytes().split(b"\n")) for f in spooled])
         if double is not None:
             assert spooled, "batches spooled while the store was down survive the kill"
-            await asyncio.to_thread(double.start)
+            await asyncio.to_thread(double.start if store == "server-stopped" else double.resume)
         await gateway.start()
         assert await gateway.stop() == 0, gateway.output()
     finally:
-        gateway.kill()
+        await gateway.kill()
     assert list((data / "spool").glob("*.jsonl")) == [], "the restart replayed the spool"
     counts = await (rows_in_server(double) if double is not None else rows_in_folder(data / "clickhouse"))
-    assert set(counts.values()) <= {1}
-    safe_before = killed_at - flush_seconds - KILL_MARGIN_SECONDS
-    lost = {i: t for i, t in load.answered.items() if i not in counts}
-    print("lost&spooled", len(set(lost) & spooled_ids), "lost", len(lost))
-    ages = sorted(round(killed_at - t, 3) for t in lost.values())
-    assert all(t >= safe_before for t in lost.values()), f"a row older than the flush window was lost: {len(ages)} lost, oldest {ages[-20:]}"
-    window = sum(1 for t in load.answered.values() if t >= safe_before)
+    assert set(counts.values()) <= {1}, "a replayed batch was stored twice"
+    safe = [i for i, t in load.answered.items() if t < killed_at - WINDOW]
+    assert len(safe) > 300, "the load ran long enough to put rows outside the window at stake"
+    lost = sorted(killed_at - t for i, t in load.answered.items() if i not in counts)
+    assert not lost or lost[-1] < WINDOW, f"{len(lost)} rows lost, oldest answered {lost[-1]:.2f}s before the kill"
     print(
         f"\nkill -9 ({store}): {len(load.answered)} answered, {len(spooled)} spool files at the kill, "
-        f"{len(lost)} rows lost, all within the last {flush_seconds + KILL_MARGIN_SECONDS:.1f} s "
-        f"({window} answered then)"
+        f"{len(lost)} lost (oldest {max(lost, default=0):.2f}s before the kill; "
+        f"{len(load.answered) - len(safe)} answered in the last {WINDOW:.1f}s)"
     )
 
 

@@ -40,9 +40,9 @@ async def send(url: str, count: int, concurrency: int = 16) -> list[str]:
 
 async def requests_counted(url: str) -> float:
     """edgeproxy_requests_total summed over its labels, as one scrape (on a new connection) reports it."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-        async with session.get(url + "/metrics") as response:
-            text = await response.text()
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session, session.get(url + "/metrics") as response:
+        text = await response.text()
     return sum(float(value) for value in REQUESTS_TOTAL.findall(text))
 
 
@@ -62,7 +62,7 @@ async def test_workers_log_into_the_masters_embedded_store_and_share_metrics(moc
             assert await requests_counted(gateway.url) == REQUESTS
         assert await gateway.stop() == 0, gateway.output()
     finally:
-        gateway.kill()
+        await gateway.kill()
     counts = await rows_in_folder(data / "clickhouse")
     assert set(counts) == set(ids)
     assert set(counts.values()) == {1}

@@ -65,7 +65,7 @@ def table(text: str, first_header: str) -> list[dict[str, str]]:
     blank = "".join(" " if all(line[i] == " " for line in padded) else "x" for i in range(width))
     spans = [m.span() for m in re.finditer(r"x+(?: x+)*", blank)]
     names = re.split(r" {2,}", block[0].strip())
-    assert len(spans) == len(names), f"columns not aligned:\n" + "\n".join(block)
+    assert len(spans) == len(names), "columns not aligned:\n" + "\n".join(block)
     return [{name: line[a:b].strip() for name, (a, b) in zip(names, spans)} for line in padded[1:]]
 
 

@@ -24,8 +24,8 @@ LIST_COLUMNS = tuple(c for c in COLUMNS if c not in ("params", "request_body", "
 _MILLISECOND_COLUMNS = frozenset({"latency_ms", "ttfb_ms", "upstream_ms", "gateway_ms"})
 _USD_COLUMNS = frozenset({"cost_usd", "cost_saved_usd", "reserved_usd"})
 _GROUP_KEYS = {"user": "user_id", "app": "app_id", "model": "model", "property": "properties[{group_property:String}]"}
-# Aliases differ from column names: ClickHouse would otherwise read `cost_usd` inside
-# `countIf(cost_usd IS NULL)` as the alias, an aggregate inside an aggregate.
+# Aliases differ from column names: ClickHouse's old analyzer (before 24.3, or with it switched
+# off) reads `cost_usd` inside `countIf(cost_usd IS NULL)` as the alias, an aggregate in an aggregate.
 _AGGREGATES = """
     count() AS n,
     sum(coalesce(prompt_tokens, 0)) AS prompt,

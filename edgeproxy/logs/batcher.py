@@ -21,9 +21,12 @@ seconds, while the store answers pings, is moved to `spool/rejected/` and counte
 `rows_rejected`; an operator can move it back to `spool/` to replay it.
 
 Crash window: rows are safe once inserted or once their spool file is fsynced. A kill -9 loses
-at most the rows still in memory: the queue plus the batch being written, normally the last
-`flush_seconds` of traffic, more only while an insert is slow (never more than
-`queue_max_rows` + `batch_rows`). `close()` drains the queue to the store, or to the spool when
+at most the rows still in memory: the queue plus the batch being written. A batch fills for at
+most `flush_seconds`, and its insert gets `insert_patience` (`max(flush_seconds, 1 s)`): an
+insert still running then (a hung or overloaded ClickHouse) keeps running, but the batch is
+spooled meanwhile with the same token, and later batches go straight to the spool until that
+insert settles. So the rows at risk are those of the last `flush_seconds` of traffic when
+inserts are quick, and never older than `flush_seconds + insert_patience`. `close()` drains the queue to the store, or to the spool when
 the store fails or `timeout` runs out, then, with time left, replays the spool into the store.
 The spool a previous run left is replayed after `start()`.
 """
@@ -54,6 +57,9 @@ T = TypeVar("T")
 
 # A refused batch is tried at least this often before it may be rejected.
 MIN_REFUSALS = 3
+# An insert gets at least this long before its batch is spooled: a short flush interval must
+# not spool every batch of an ordinary insert (tens of milliseconds for a few thousand rows).
+MIN_INSERT_PATIENCE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +104,7 @@ class LogBatcher:
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
         reject_after: float = 60.0,
+        insert_patience: float | None = None,
         on_flush: Callable[[float], None] | None = None,
     ) -> None:
         self._on_flush = on_flush
@@ -113,6 +120,11 @@ class LogBatcher:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._reject_after = reject_after
+        self._patience = (
+            max(settings.flush_seconds, MIN_INSERT_PATIENCE) if insert_patience is None else insert_patience
+        )
+        # An insert that outlived its patience and still runs; batches spool until it settles.
+        self._slow: asyncio.Future[None] | None = None
         self._rows: deque[LogRecord] = deque()
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
@@ -262,15 +274,8 @@ class LogBatcher:
         # Left set if this task is cancelled, so close() spools the batch rather than losing it.
         self._inflight = (token, rows)
         written = False
-        if self._prepared and not self._down:
-            try:
-                await self.store.insert(rows, token)
-                written = True
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - whatever the store raised, the batch goes to the spool
-                self._failures += 1
-                self._mark_down(exc)
+        if self._prepared and not self._down and self._slow is None:
+            written = await self._insert_patiently(token, rows)
         if written:
             self._written += len(rows)
         else:
@@ -279,6 +284,46 @@ class LogBatcher:
         self._flush_last = time.perf_counter() - started
         if self._on_flush is not None:
             self._on_flush(self._flush_last)
+
+    async def _insert_patiently(self, token: str, rows: list[Row]) -> bool:
+        """True once the store took the batch; False when it failed or still runs after `insert_patience`.
+
+        A slow insert is left running, not cancelled (its thread could not be stopped anyway): the
+        caller spools the batch with the same token, so whichever copy lands second is dropped by
+        the server's deduplication, and no row waits in memory behind a hung ClickHouse.
+        """
+        insert = asyncio.ensure_future(self.store.insert(rows, token))
+        try:
+            done, _ = await asyncio.wait({insert}, timeout=self._patience)
+        except asyncio.CancelledError:
+            insert.cancel()
+            raise
+        if not done:
+            self._slow = insert
+            insert.add_done_callback(self._slow_settled)
+            log.warning(
+                "request log insert into %s is taking over %.1f s: spooling batches until it settles",
+                self.store.name,
+                self._patience,
+            )
+            return False
+        failure = insert.exception()
+        if failure is None:
+            return True
+        self._failures += 1
+        self._mark_down(failure)
+        return False
+
+    def _slow_settled(self, insert: asyncio.Future[None]) -> None:
+        # Its rows are counted once, as spooled and then replayed (the replay of the copy is the
+        # one the server deduplicates when this insert landed).
+        self._slow = None
+        if insert.cancelled():
+            return
+        failure = insert.exception()
+        if failure is not None:
+            self._failures += 1
+            self._mark_down(failure)
 
     async def _to_spool(self, token: str, rows: list[Row]) -> None:
         try:
@@ -393,7 +438,7 @@ class LogBatcher:
         self._refused = None
         return True
 
-    def _mark_down(self, exc: Exception) -> None:
+    def _mark_down(self, exc: BaseException) -> None:
         if not self._down:
             self._down = True
             log.warning(

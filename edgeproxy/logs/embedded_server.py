@@ -29,6 +29,7 @@ import threading
 import uuid
 import zlib
 from collections.abc import Mapping
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def _password_of(headers: Mapping[str, str], params: Mapping[str, str]) -> str | None:
+def _password_of(headers: Message, params: Mapping[str, str]) -> str | None:
     """The password a request offers: Basic auth (clickhouse-connect), X-ClickHouse-Key or `password=`."""
     authorization = headers.get("Authorization", "")
     if authorization[:6].lower() == "basic ":
@@ -200,14 +201,17 @@ def _handler(engine: Engine, password: str | None) -> type[BaseHTTPRequestHandle
             self._reply(200, result, {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": "UTC"})
 
         def _reply(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("X-ClickHouse-Summary", '{"read_rows":"0","written_rows":"0"}')
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("X-ClickHouse-Summary", '{"read_rows":"0","written_rows":"0"}')
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client gave up waiting (its timeout); nobody reads this
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

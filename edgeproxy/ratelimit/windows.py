@@ -64,7 +64,7 @@ def admits(used: float, amount: float, quota: float) -> bool:
 
 
 def wait_seconds(
-    entries: Iterable[tuple[float, float]], used: float, amount: float, quota: float, window: float, now: float
+    entries: Iterable[Sequence[float]], used: float, amount: float, quota: float, window: float, now: float
 ) -> float:
     """Time until enough of the oldest entries leave the window for `admits` to hold."""
     freed = 0.0

@@ -53,7 +53,9 @@ function fmtTime(iso) {
 function fmtUsd(value) {
   if (value === null || value === undefined) return "–";
   if (value === 0) return "$0";
-  return value < 0.01 ? `$${value.toPrecision(3)}` : `$${value.toFixed(value < 10 ? 4 : 2)}`;
+  if (value < 1e-6) return `$${value.toExponential(1)}`;
+  // Three significant digits for fractions of a cent, without trailing zeros.
+  return value < 0.01 ? `$${Number(value.toPrecision(3))}` : `$${value.toFixed(value < 10 ? 4 : 2)}`;
 }
 
 function fmtMs(value) {
@@ -435,22 +437,26 @@ function fmtInterval(seconds) {
   return `${seconds} s`;
 }
 
+// The axis top: four equal steps, each 1, 2, 2.5 or 5 times a power of ten.
 function niceMax(value) {
   if (value <= 0) return 1;
-  const power = 10 ** Math.floor(Math.log10(value));
-  const unit = [1, 2, 2.5, 5, 10].find((m) => m * power >= value);
-  return unit * power;
+  const rough = value / 4;
+  const power = 10 ** Math.floor(Math.log10(rough));
+  const step = [1, 2, 2.5, 5, 10].find((m) => m * power >= rough - 1e-12 * power);
+  return 4 * step * power;
 }
 
 function fmtAxis(value, metric) {
-  if (metric === "cost_usd") return value === 0 ? "$0" : `$${value < 0.01 ? value.toPrecision(2) : value.toFixed(2)}`;
-  return Number.isInteger(value) ? fmtCount(value) : value.toFixed(1);
+  if (metric === "cost_usd") return value === 0 ? "$0" : `$${Number(value.toPrecision(2))}`;
+  return Number.isInteger(value) ? fmtCount(value) : String(Number(value.toPrecision(3)));
 }
 
 function chartSvg(times, keys, values, metric) {
-  const W = 960, H = 280, left = 64, right = 16, top = 12, bottom = 28;
+  const W = 960, H = 280, left = 84, right = 16, top = 12, bottom = 28;
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "usage over time" });
-  const max = niceMax(Math.max(0, ...[...values.values()].flat()));
+  const peak = niceMax(Math.max(0, ...[...values.values()].flat()));
+  // Counts step by whole numbers at least.
+  const max = metric === "cost_usd" ? peak : Math.max(4, peak);
   const x = (i) => left + (times.length < 2 ? 0 : (i * (W - left - right)) / (times.length - 1));
   const y = (v) => top + (H - top - bottom) * (1 - v / max);
   for (let i = 0; i <= 4; i++) {
