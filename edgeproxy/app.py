@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from .admin.api import add_admin_routes
@@ -49,7 +50,11 @@ def create_app(settings: Settings) -> web.Application:
     # limit is set just above it so a huge body is never buffered whole.
     # aiohttp's keep-alive timer also runs while a request head is being read (its only bound
     # on a slowloris head); the body is bounded by Intake.
-    handler_args = {"max_field_size": 16384, "keepalive_timeout": settings.server.idle_seconds}
+    handler_args = {
+        "max_field_size": 16384,
+        "keepalive_timeout": settings.server.idle_seconds,
+        "logger": MalformedRequestLog(logging.getLogger("aiohttp.server"), {}),
+    }
     app = web.Application(client_max_size=settings.server.max_body_bytes + 1, handler_args=handler_args)
     app[SETTINGS] = settings
     app[UPSTREAMS] = Upstreams(settings)
@@ -111,6 +116,21 @@ def _open_log(app: web.Application, settings: Settings, metrics: Metrics) -> Log
     app[LOG_BATCHER] = batcher
     app.cleanup_ctx.append(_log_ctx)
     return batcher
+
+
+class MalformedRequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server log, minus the request bytes it quotes when it refuses a malformed request.
+
+    Those bytes are the offending header line, which may carry a credential; the client gets
+    its 400 either way, and a flood of them logs one line each, without a traceback.
+    """
+
+    def log(self, level: int, msg: object, *args: object, exc_info: object = None, **kwargs: object) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            msg = "refused a malformed request from %s (%s, HTTP %s)"
+            args = (args[0] if args else "?", type(exc_info).__name__, exc_info.code)
+            level, exc_info = logging.INFO, None
+        super().log(level, msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
 
 
 async def _log_ctx(app: web.Application) -> AsyncIterator[None]:

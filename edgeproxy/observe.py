@@ -130,11 +130,13 @@ class Observe:
             )
         elif ex.cache_status == "HIT":
             cost = 0.0
+        # Bodies only matter to the log: without one, skip decoding and assembling them.
+        keep_bodies = self._sink is not None
         request_body, request_truncated = (None, False)
-        if not options.omit_request and ex.body:
+        if keep_bodies and not options.omit_request and ex.body:
             request_body, request_truncated = cap_body(ex.body, self._body_max_bytes)
         response_body, response_truncated = (None, False)
-        if not options.omit_response and (ex.capture.chunks or ex.capture.truncated):
+        if keep_bodies and not options.omit_response and (ex.capture.chunks or ex.capture.truncated):
             raw = ex.capture.body()
             if ex.streamed and not ex.capture.truncated:
                 raw = orjson.dumps(assemble_stream(raw))

@@ -183,7 +183,9 @@ def _target_url(value: str | None) -> str | None:
     except ValueError:  # an unparseable port or IPv6 literal
         agree = False
     if not agree or parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
-        raise bad_header("Helicone-Target-URL", "an absolute http(s) URL without user info", value)
+        # User info may be a password: the error (which is also logged) does not repeat it.
+        shown = "<redacted>" if "@" in text else value
+        raise bad_header("Helicone-Target-URL", "an absolute http(s) URL without user info", shown)
     return text.rstrip("/")
 
 

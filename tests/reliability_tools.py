@@ -276,8 +276,13 @@ def check_mixed(kind: str, status: int, data: bytes) -> str:
 
 
 async def logged_rows(store: LogStore, columns: str = "status, outcome, user_id, error") -> dict[str, dict[str, Any]]:
-    """Request id → its row (read with FINAL, as the log's readers must)."""
-    rows = await store.query(f"SELECT toString(request_id) AS id, {columns} FROM {store.qualified} FINAL")
+    """Request id → its row (read with FINAL, as the log's readers must); empty until the table exists."""
+    try:
+        rows = await store.query(f"SELECT toString(request_id) AS id, {columns} FROM {store.qualified} FINAL")
+    except Exception as exc:
+        if "UNKNOWN_TABLE" in str(exc) or "UNKNOWN_DATABASE" in str(exc):
+            return {}
+        raise
     return {row.pop("id"): row for row in rows}
 
 

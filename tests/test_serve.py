@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -60,6 +61,9 @@ async def test_workers_log_into_the_masters_embedded_store_and_share_metrics(moc
         await wait_until(summed, timeout=10, interval=0.1)
         for _ in range(6):
             assert await requests_counted(gateway.url) == REQUESTS
+        # Reads go through the owner too: any worker's admin API finds any worker's request.
+        for request_id in ids[:8]:
+            await wait_until(partial(admin_has, gateway.url, request_id), timeout=10, interval=0.1)
         assert await gateway.stop() == 0, gateway.output()
     finally:
         await gateway.kill()
@@ -67,3 +71,15 @@ async def test_workers_log_into_the_masters_embedded_store_and_share_metrics(moc
     assert set(counts) == set(ids)
     assert set(counts.values()) == {1}
 
+
+async def admin_has(url: str, request_id: str) -> bool:
+    """True when the admin API (asked on a new connection) knows the request."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(f"{url}/admin/v1/requests/{request_id}") as response,
+    ):
+        if response.status == 404:
+            return False
+        assert response.status == 200, await response.text()
+        return request_id in await response.text()
