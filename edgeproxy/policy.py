@@ -21,6 +21,7 @@ from .exchange import Exchange
 from .metrics import Metrics
 from .pipeline import Handler
 from .settings import AppPolicy, SettingsError
+from .streaming import EventBuffer
 
 DEFAULT_APP = "default"
 REDACTED = "[redacted]"
@@ -214,7 +215,7 @@ class OutputGuard:
     def __init__(self, pattern: re.Pattern[str], hold: int) -> None:
         self._pattern = pattern
         self._hold = hold
-        self._pending = b""
+        self._events = EventBuffer()
         self._held: dict[tuple[str, int], str] = {}
         self._envelope: dict[str, Any] = {}
         self.redactions = 0
@@ -234,17 +235,12 @@ class OutputGuard:
         return orjson.dumps(document) if changed else body
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk if self._pending else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._pending = data
-            return b""
-        complete, self._pending = data[: end + 2], data[end + 2 :]
+        complete = self._events.complete(chunk)
         return b"".join(self._event(event) + b"\n\n" for event in complete.split(b"\n\n")[:-1])
 
     def flush(self) -> bytes:
         """The rest of a stream that ended without finishing its choices: nothing held escapes unread."""
-        rest, self._pending = self._pending, b""
+        rest = self._events.rest()
         out = self._event(rest) + b"\n\n" if rest.strip() else b""
         return out + self._release(list(self._held))
 

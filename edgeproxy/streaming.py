@@ -13,26 +13,42 @@ from .exchange import Exchange
 USAGE_TAIL_BYTES = 16 * 1024
 
 
-class UsageChunkFilter:
-    """Hides the usage-only chunk the gateway asked for, so the client sees what it asked for.
+class EventBuffer:
+    """Cuts a byte stream at SSE event boundaries: bytes of an event split across reads wait for
+    its end, which for real providers (one event per write) adds no delay."""
 
-    Works on whole SSE events: bytes of an event split across reads wait for its end, which
-    for real providers (one event per write) adds no delay.
-    """
-
-    __slots__ = ("_pending", "hidden")
+    __slots__ = ("_pending",)
 
     def __init__(self) -> None:
         self._pending = b""
-        self.hidden: list[bytes] = []
 
-    def feed(self, chunk: bytes) -> bytes:
+    def complete(self, chunk: bytes) -> bytes:
+        """The whole events (each ending in a blank line) that this chunk completes."""
         data = self._pending + chunk if self._pending else chunk
         end = data.rfind(b"\n\n")
         if end < 0:
             self._pending = data
             return b""
-        complete, self._pending = data[: end + 2], data[end + 2 :]
+        self._pending = data[end + 2 :]
+        return data[: end + 2]
+
+    def rest(self) -> bytes:
+        """What is left when the stream ends: an event that never ended."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+
+class UsageChunkFilter:
+    """Hides the usage-only chunk the gateway asked for, so the client sees what it asked for."""
+
+    __slots__ = ("_events", "hidden")
+
+    def __init__(self) -> None:
+        self._events = EventBuffer()
+        self.hidden: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        complete = self._events.complete(chunk)
         if b'"usage"' not in complete:
             return complete
         if b'"choices":[]' not in complete:
@@ -49,8 +65,7 @@ class UsageChunkFilter:
         return b"".join(event + b"\n\n" for event in kept)
 
     def flush(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return rest
+        return self._events.rest()
 
 
 async def relay(ex: Exchange, upstream: ClientResponse, client: web.StreamResponse) -> bytes:

@@ -94,6 +94,31 @@ class Candidate:
         return f"{self.target.name}/{self.model}" if self.model else self.target.name
 
 
+@dataclass(slots=True)
+class NextAttempt:
+    """Whether another attempt follows a failed one, decided once its Retry-After is known.
+
+    A retry of the same candidate must fit before the total deadline; when it does not (or the
+    retries are spent) the next candidate is tried at once, and when there is none the failed
+    attempt's own answer (the provider's 429 with its Retry-After, or the timeout) is the reply.
+    """
+
+    policy: RetryPolicy | None
+    attempt: int
+    tries: int
+    deadline: float
+    more_candidates: bool
+    wait: float | None = None  # seconds before retrying this candidate; None: move on
+
+    def follows(self, retry_after: float | None) -> bool:
+        if self.policy is not None and self.attempt < self.tries - 1:
+            delay = backoff_seconds(self.policy, self.attempt, retry_after)
+            if time.monotonic() + delay <= self.deadline:
+                self.wait = delay
+                return True
+        return self.more_candidates
+
+
 class Forwarder:
     """The last stage: send the request upstream, retrying and falling back, and relay the answer.
 
@@ -117,27 +142,23 @@ class Forwarder:
         for index, candidate in enumerate(candidates):
             body = ex.body if candidate.model is None else _with_model(ex, candidate.model)
             for attempt in range(tries):
-                last = index == len(candidates) - 1 and attempt == tries - 1
                 ex.attempts += 1
                 if ex.attempts > 1:
                     self._metrics.retried(candidate.target.name)
                 ex.answered_by = candidate.name
-                retry_after = await self._attempt(ex, candidate, body, last)
-                if isinstance(retry_after, web.StreamResponse):
-                    return retry_after
-                if attempt == tries - 1:
+                after = NextAttempt(policy, attempt, tries, deadline, index < len(candidates) - 1)
+                response = await self._attempt(ex, candidate, body, after)
+                if response is not None:
+                    return response
+                if after.wait is None:
                     break  # next candidate, at once: it is another provider
-                assert policy is not None
-                delay = backoff_seconds(policy, attempt, retry_after)
-                if time.monotonic() + delay > deadline:
-                    break
-                await asyncio.sleep(delay)
+                await asyncio.sleep(after.wait)
         raise GatewayError(502, "No upstream attempt succeeded", type="upstream_error", code="upstream_failed")
 
     async def _attempt(
-        self, ex: Exchange, candidate: Candidate, body: bytes, last: bool
-    ) -> web.StreamResponse | float | None:
-        """One attempt: the relayed response, or the Retry-After (or None) of a retryable failure."""
+        self, ex: Exchange, candidate: Candidate, body: bytes, after: NextAttempt
+    ) -> web.StreamResponse | None:
+        """One attempt: the relayed response, or None after a retryable failure another attempt follows."""
         if candidate.route and candidate.deployment:
             candidate.route.started(candidate.deployment)
         ok, latency = False, None
@@ -146,17 +167,17 @@ class Forwarder:
                 response = await self._send(ex, candidate.target, body, candidate.model or ex.model)
             except GatewayError as err:
                 self._metrics.upstream_failed(candidate.target.name, err.code or "error")
-                if last:
+                if not after.follows(None):
                     raise
                 log.info("attempt %d to %s failed: %s", ex.attempts, candidate.name, err.message)
                 return None
             latency = (ex.upstream_first_byte or 0.0) - (ex.upstream_sent or 0.0)
             ok = response.status not in RETRYABLE_STATUS
-            if last or ok:
+            if ok or not after.follows(parse_retry_after(response.headers.get("Retry-After"))):
                 return await self._respond(ex, response)
             await _discard(response)
             log.info("attempt %d to %s answered %d", ex.attempts, candidate.name, response.status)
-            return parse_retry_after(response.headers.get("Retry-After"))
+            return None
         finally:
             if candidate.route and candidate.deployment:
                 candidate.route.finished(candidate.deployment, ok, latency)

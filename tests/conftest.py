@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from bench.mock_upstream import MockUpstream
 from edgeproxy.app import create_app
+from edgeproxy.settings import Settings, load_settings
 from tests.clickhouse_server import ClickHouseServer
 from tests.clickhouse_server import clickhouse_url as real_clickhouse_url
-from edgeproxy.settings import Settings, load_settings
 
 
 @dataclass
@@ -94,6 +95,12 @@ def clickhouse_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.start()
     yield server.url
     server.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
 
 
 @pytest.fixture

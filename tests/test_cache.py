@@ -49,12 +49,6 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     await scrub(prefix)
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 async def test_miss_then_hit_and_no_header_without_opt_in(mock, start_gateway: GatewayFactory, backend, session):
     gateway = await start_gateway(backend)
     body = chat()

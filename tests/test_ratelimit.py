@@ -48,12 +48,6 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     await scrub(prefix)
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 async def test_headers_count_down_then_429_in_the_provider_shape(mock, start_gateway: GatewayFactory, backend, session):
     gateway = await start_gateway(backend)
     policy = {"Helicone-RateLimit-Policy": "3;w=60"}

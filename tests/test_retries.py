@@ -38,12 +38,6 @@ async def ask(
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
-@pytest.fixture
 async def backup() -> AsyncIterator[MockUpstream]:
     async with MockUpstream() as upstream:
         yield upstream
