@@ -196,6 +196,12 @@ async def test_concurrent_faults_leave_the_gateway_healthy(mock, faulty: Running
     ]
     answers = await asyncio.gather(*(fault() for fault in faults * 10))
     assert max(a.seconds for a in answers) < 2.0
-    rows = await logged_rows(faulty.app[LOG_STORE])
-    await wait_until(lambda: len(rows) >= 0, timeout=1)
+    assert sorted({a.status for a in answers}) == [200, 500, 502, 504]
+
+    async def all_logged() -> dict[str, Any]:
+        rows = await logged_rows(faulty.app[LOG_STORE])
+        return rows if all(a.request_id in rows for a in answers) else {}
+
+    rows = await wait_until(all_logged, timeout=10, interval=0.05)
+    assert {a.request_id: a.status for a in answers} == {a.request_id: rows[a.request_id]["status"] for a in answers}
     assert (await ask(faulty, PLAIN, {})).status == 200

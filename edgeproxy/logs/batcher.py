@@ -26,9 +26,11 @@ most `flush_seconds`, and its insert gets `insert_patience` (`max(flush_seconds,
 insert still running then (a hung or overloaded ClickHouse) keeps running, but the batch is
 spooled meanwhile with the same token, and later batches go straight to the spool until that
 insert settles. So the rows at risk are those of the last `flush_seconds` of traffic when
-inserts are quick, and never older than `flush_seconds + insert_patience`. `close()` drains the queue to the store, or to the spool when
-the store fails or `timeout` runs out, then, with time left, replays the spool into the store.
-The spool a previous run left is replayed after `start()`.
+inserts are quick, and never older than `flush_seconds + insert_patience`.
+
+`close()` drains the queue to the store, or to the spool when the store fails or `timeout` runs
+out, then, with time left, replays the spool into the store. The spool a previous run left is
+replayed after `start()`.
 """
 
 from __future__ import annotations
