@@ -10,6 +10,7 @@ PROMETHEUS_MULTIPROC_DIR once, on import, so the master sets it first.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -17,6 +18,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -45,6 +47,9 @@ def serve(settings: Settings) -> int:
 
 def _run_worker(settings: Settings, *, reuse_port: bool) -> None:
     from .app import create_app
+
+    if reuse_port:
+        _terminate_with_parent()
 
     loop = _new_loop()
     asyncio.set_event_loop(loop)
@@ -164,6 +169,16 @@ def _wait_until_answering(url: str, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.02)
+
+
+def _terminate_with_parent() -> None:
+    """A worker whose master dies (even by kill -9) gets SIGTERM and drains, instead of living on orphaned."""
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the master died before the call above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

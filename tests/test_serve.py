@@ -83,3 +83,30 @@ async def admin_has(url: str, request_id: str) -> bool:
             return False
         assert response.status == 200, await response.text()
         return request_id in await response.text()
+
+
+def workers_of(pid: int) -> set[int]:
+    """The worker processes of a master (multiprocessing's resource tracker left out)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(int(child))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_workers_exit_when_the_master_is_killed(mock: MockUpstream, tmp_path: Path) -> None:
+    gateway = GatewayProcess(tmp_path / "data", mock.url, workers=2, env={"EDGEPROXY_LOGS_ENABLED": "false"})
+    await gateway.start()
+    assert gateway.proc is not None
+    workers = await wait_until(lambda: len(workers_of(gateway.proc.pid)) == 2 and workers_of(gateway.proc.pid))
+    await gateway.kill()
+    # No orphan keeps the port: each worker is told (SIGTERM) that its master died, and drains.
+    await wait_until(lambda: not any(alive(pid) for pid in workers), timeout=15)
