@@ -67,8 +67,8 @@ class Intake:
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(limit) from None
         except TimeoutError:
-            seconds = self._settings.server.body_seconds
-            raise GatewayError(408, f"Request body not received within {seconds:g}s", code="body_timeout") from None
+            message = f"Request body not received within {self._settings.server.body_seconds:g}s"
+            raise GatewayError(408, message, code="body_timeout") from None
         except web.RequestPayloadError:  # e.g. a body that does not match its Content-Encoding
             raise GatewayError(400, "Request body could not be read or decoded", code="bad_body") from None
         ex.capture = Capture(limit=self._capture_limit)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
 
 import orjson
 from aiohttp import ClientResponse, web
@@ -11,6 +13,7 @@ from .exchange import Exchange
 
 # Raw upstream bytes kept past the capture limit, enough to find the final usage event.
 USAGE_TAIL_BYTES = 16 * 1024
+CLIENT_STALLED = "client stopped reading"
 
 
 class EventBuffer:
@@ -68,10 +71,13 @@ class UsageChunkFilter:
         return self._events.rest()
 
 
-async def relay(ex: Exchange, upstream: ClientResponse, client: web.StreamResponse) -> bytes:
+async def relay(
+    ex: Exchange, upstream: ClientResponse, client: web.StreamResponse, stall_seconds: float
+) -> bytes:
     """Copy the upstream body to the client chunk by chunk; return the raw tail for usage parsing.
 
-    Backpressure comes from `client.write`, which waits while the client's socket buffer is full.
+    Backpressure comes from `client.write`, which waits while the client's socket buffer is full,
+    for at most `stall_seconds` (see `send`).
     """
     capture = ex.capture
     filt = UsageChunkFilter() if ex.hide_usage_chunk else None
@@ -90,7 +96,7 @@ async def relay(ex: Exchange, upstream: ClientResponse, client: web.StreamRespon
             chunk = guard.feed(chunk)
         if not chunk:
             continue
-        await client.write(chunk)
+        await send(ex, client, chunk, stall_seconds)
         if ex.client_first_byte is None:
             ex.client_first_byte = time.perf_counter()
         capture.add(chunk)
@@ -98,11 +104,48 @@ async def relay(ex: Exchange, upstream: ClientResponse, client: web.StreamRespon
     if guard is not None:
         rest = guard.feed(rest) + guard.flush()
     if rest:
-        await client.write(rest)
+        await send(ex, client, rest, stall_seconds)
         capture.add(rest)
     if filt is not None:
         tail += b"".join(event + b"\n\n" for event in filt.hidden)
     return tail
+
+
+async def send(ex: Exchange, client: web.StreamResponse, chunk: bytes, stall_seconds: float) -> None:
+    """Write one chunk; a client that accepts nothing for `stall_seconds` is dropped.
+
+    aiohttp has no write timeout, and the upstream's timers do not run while the relay waits on
+    the client, so a client that never reads would hold its handler and upstream connection for
+    good. Only a write that can wait is timed (a timer per chunk would cost the hot path): one
+    behind unsent bytes, or larger than the transport's high-water mark.
+    """
+    if may_wait(ex, len(chunk)):
+        await within_stall(ex, client.write(chunk), stall_seconds)
+    else:
+        await client.write(chunk)
+
+
+def may_wait(ex: Exchange, size: int) -> bool:
+    """Whether writing `size` bytes can wait on the client: bytes are still unsent, or it is a big write.
+
+    Below the transport's high-water mark an empty buffer cannot make a write wait.
+    """
+    transport = ex.request.transport
+    if transport is None:
+        return False
+    return transport.get_write_buffer_size() > 0 or size > transport.get_write_buffer_limits()[1]
+
+
+async def within_stall(ex: Exchange, write: Awaitable[None], stall_seconds: float) -> None:
+    """Await a write to the client; past `stall_seconds`, abort the connection (ConnectionResetError)."""
+    try:
+        async with asyncio.timeout(stall_seconds):
+            await write
+    except TimeoutError:
+        ex.error = f"{CLIENT_STALLED} for {stall_seconds:g}s"
+        if ex.request.transport is not None:
+            ex.request.transport.abort()
+        raise ConnectionResetError(ex.error) from None
 
 
 def error_event(message: str, code: str) -> bytes:

@@ -73,7 +73,7 @@ def _climbs(path: str) -> bool:
 def _ad_hoc_target(settings: Settings, url: str) -> TargetSettings:
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host  # `:0` is a port, not the default
     allowed = {entry.lower() for entry in settings.target_url_allowlist}
     # An entry without a port admits only the scheme's default port, so an allowed host
     # cannot be used to reach another service on the same machine.

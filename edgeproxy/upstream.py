@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .options import RetryPolicy
 from .routing import DeploymentState, Route, Router
 from .settings import Settings, TargetSettings
-from .streaming import error_event, relay
+from .streaming import error_event, may_wait, relay, within_stall
 from .targets import client_headers, upstream_headers, upstream_url
 
 log = logging.getLogger("edgeproxy.upstream")
@@ -260,7 +260,8 @@ class Forwarder:
             ex.usage = read_usage(ex, body)
             if ex.status >= 400:
                 ex.outcome = "upstream_error"
-            return await self._send_whole(ex, web.Response(status=response.status, body=body, headers=headers))
+            whole = web.Response(status=response.status, body=body, headers=headers)
+            return await self._send_whole(ex, whole, self._settings.timeouts.idle)
         finally:
             # A body not read to the end closes the connection instead of pooling it (no stale reply
             # can reach the next request), which is also what a cancelled client leaves behind.
@@ -273,13 +274,14 @@ class Forwarder:
         client = web.StreamResponse(status=response.status, headers=headers)
         client.headers[OVERHEAD_HEADER] = _overhead_ms(ex, ex.upstream_first_byte)
         await client.prepare(ex.request)
+        stall = self._settings.timeouts.idle
         try:
-            ex.usage_tail = await relay(ex, response, client)
+            ex.usage_tail = await relay(ex, response, client, stall)
         except (TimeoutError, *_CONNECTION_ERRORS) as exc:
             transport = ex.request.transport
             if transport is None or transport.is_closing():
                 ex.outcome = "cancelled"
-                ex.error = "client disconnected mid-stream"
+                ex.error = ex.error or "client disconnected mid-stream"
                 response.close()
                 return client
             response.close()
@@ -288,7 +290,7 @@ class Forwarder:
             ex.error = "upstream stream idle timeout" if timed_out else f"upstream stream broke: {type(exc).__name__}"
             code = "upstream_timeout" if timed_out else "upstream_stream_error"
             try:
-                await client.write(error_event(ex.error, code))
+                await within_stall(ex, client.write(error_event(ex.error, code)), stall)
             except (ConnectionError, RuntimeError):
                 pass
         ex.upstream_done = time.perf_counter()
@@ -296,19 +298,25 @@ class Forwarder:
         if ex.status >= 400 and ex.outcome == "ok":
             ex.outcome = "upstream_error"
         try:
-            await client.write_eof()
+            await within_stall(ex, client.write_eof(), stall)
         except ConnectionError:
             ex.outcome = "cancelled"
         return client
 
 
     @staticmethod
-    async def _send_whole(ex: Exchange, client: web.Response) -> web.Response:
+    async def _send_whole(ex: Exchange, client: web.Response, stall_seconds: float) -> web.Response:
         """Send now, so the stages after this one (cache, limits, log) cost the client nothing."""
         client.headers[OVERHEAD_HEADER] = _overhead_ms(ex, ex.upstream_done)
         await client.prepare(ex.request)
         ex.client_first_byte = time.perf_counter()
-        await client.write_eof()
+        try:
+            if may_wait(ex, client.content_length or 0):
+                await within_stall(ex, client.write_eof(), stall_seconds)
+            else:
+                await client.write_eof()
+        except ConnectionError:
+            ex.outcome = "cancelled"
         return client
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from edgeproxy.logs.store import LogStore
 
@@ -64,7 +65,9 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> RawRepl
                     break
                 received += chunk
     except TimeoutError:
-        raise AssertionError(f"no complete answer within {timeout}s to {data[:200]!r}: got {bytes(received[:300])!r}") from None
+        raise AssertionError(
+            f"no complete answer within {timeout}s to {data[:200]!r}: got {bytes(received[:300])!r}"
+        ) from None
     except (ConnectionResetError, BrokenPipeError):
         pass  # the server refused early (e.g. a head too large); what it sent first still counts
     finally:
@@ -195,7 +198,11 @@ class MixedLoad:
         }
     )  # fmt: skip
     extra_headers: dict[str, str] = field(default_factory=dict)
+    # False: record outcomes only (`history`), for a test that judges them by phase.
+    strict: bool = True
     sent: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # (time answered, kind, status, Helicone-Cache, seconds taken)
+    history: list[tuple[float, str, int, str, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     latencies: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -222,15 +229,23 @@ class MixedLoad:
             headers.update(self.extra_headers)
             started = time.perf_counter()
             try:
-                async with session.post(f"{self.url}/v1/chat/completions", data=body, headers=headers) as response:
+                async with session.post(
+                    f"{self.url}/v1/chat/completions", data=body, headers=headers
+                ) as response:
                     data = await response.read()
                     status = response.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 self.sent[request_id] = (kind, 0)
                 self.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
                 continue
-            self.latencies[kind].append(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.latencies[kind].append(took)
             self.sent[request_id] = (kind, status)
+            self.history.append(
+                (time.monotonic(), kind, status, response.headers.get("Helicone-Cache", ""), took)
+            )
+            if not self.strict:
+                continue
             problem = check_mixed(kind, status, data)
             if problem:
                 self.errors.append(f"{kind} {request_id}: {problem}")
@@ -275,7 +290,9 @@ def check_mixed(kind: str, status: int, data: bytes) -> str:
 # --- the request log -----------------------------------------------------------------------------
 
 
-async def logged_rows(store: LogStore, columns: str = "status, outcome, user_id, error") -> dict[str, dict[str, Any]]:
+async def logged_rows(
+    store: LogStore, columns: str = "status, outcome, user_id, error"
+) -> dict[str, dict[str, Any]]:
     """Request id → its row (read with FINAL, as the log's readers must); empty until the table exists."""
     try:
         rows = await store.query(f"SELECT toString(request_id) AS id, {columns} FROM {store.qualified} FINAL")
@@ -314,3 +331,59 @@ def raw_exchange_sync(port: int, data: bytes, timeout: float = 10.0) -> RawReply
         except (ConnectionResetError, BrokenPipeError):
             pass
     return parse_reply(bytes(received))
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+class MockProcess:
+    """The mock provider in a process of its own (`python -m bench.mock_upstream`), for load tests.
+
+    Under load the mock must not share the test's event loop (and core) with the load generator.
+    """
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 20.0) -> None:
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.mock_upstream", "--port", "0", "--record-limit", "0",
+            stdout=asyncio.subprocess.PIPE, cwd=root,
+        )  # fmt: skip
+        assert self._proc.stdout is not None
+        line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+        self.url = line.decode().strip()
+        assert self.url.startswith("http://"), line
+
+    async def stop(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.terminate()
+            try:
+                await asyncio.wait_for(self._proc.wait(), 10)
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+
+
+def clickhouse_rows(url: str, database: str) -> tuple[int, int, set[str]]:
+    """(rows with FINAL, distinct ids, the ids) of `database.requests` on a ClickHouse HTTP endpoint."""
+    import clickhouse_connect
+
+    parsed = URL(url)
+    client = clickhouse_connect.get_client(
+        host=parsed.host, port=parsed.port, username=parsed.user or "default", password=parsed.password or "",
+        autogenerate_session_id=False,
+    )  # fmt: skip
+    try:
+        table = f"{database}.requests"
+        counts = client.query(f"SELECT count(), uniqExact(request_id) FROM {table} FINAL").result_rows[0]
+        ids = {
+            str(row[0]) for row in client.query(f"SELECT toString(request_id) FROM {table} FINAL").result_rows
+        }
+        return int(counts[0]), int(counts[1]), ids
+    finally:
+        client.close()

@@ -23,6 +23,9 @@ from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 log = logging.getLogger("edgeproxy.remote")
@@ -42,6 +45,10 @@ def connection_kwargs(url: str, timeout: float) -> dict[str, Any]:
     """Connection settings for `url` with every wait (connect, read, pool) bounded by `timeout`."""
     kwargs: dict[str, Any] = dict(parse_url(url))
     kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+    # A connection pooled before Redis restarted fails on its first use ("closed by server"):
+    # retried once on a new connection, it is not mistaken for Redis being down (which would
+    # bypass the cache and rate limits for a cooldown, again for each stale connection met).
+    kwargs.update(retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
     return kwargs
 
 
