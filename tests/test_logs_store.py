@@ -12,7 +12,7 @@ import datetime
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,19 +22,6 @@ from edgeproxy.logs.migrate import cluster_ddl, migrate, migrate_sync
 from edgeproxy.logs.record import COLUMNS, LogRecord
 from edgeproxy.logs.store import LogStore, open_log_store
 from edgeproxy.settings import LogSettings, ServerSettings, Settings
-from tests.clickhouse_server import ClickHouseServer, clickhouse_url
-
-
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = clickhouse_url()
-    if url:
-        yield url
-        return
-    server = ClickHouseServer(tmp_path_factory.mktemp("clickhouse-double"))
-    server.start()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +31,7 @@ def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(params=["embedded", "server"])
 async def store(request: pytest.FixtureRequest, embedded_dir: Path) -> AsyncIterator[LogStore]:
-    url = request.getfixturevalue("server_url") if request.param == "server" else None
+    url = request.getfixturevalue("clickhouse_url") if request.param == "server" else None
     settings = LogSettings(clickhouse_url=url, database=f"t_{uuid.uuid4().hex[:12]}")
     store = open_log_store(settings, embedded_dir)
     try:
