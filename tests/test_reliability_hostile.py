@@ -12,13 +12,9 @@ over many more examples (`make reliability`).
 from __future__ import annotations
 
 import asyncio
-import base64
 import gzip
-import hashlib
-import hmac
 import re
 import string
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +38,7 @@ from edgeproxy.targets import resolve_route, upstream_url
 
 from .conftest import GatewayFactory, RunningGateway, wait_until
 from .reliability_tools import RawReply, logged_rows, raw_exchange, raw_exchange_sync, request_bytes
+from .test_auth import b64, hand_signed, valid_claims
 
 SECRET = "hostile-secret-" + "h" * 40
 DEFAULT_ID = "00000000-0000-4000-8000-000000000000"
@@ -611,30 +608,12 @@ async def test_target_url_to_internal_addresses_is_refused_unless_allowlisted(
 # --- JWT attacks test_auth.py does not cover ---------------------------------------------------------
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def signed(header: dict[str, Any], claims: dict[str, Any] | str, secret: str) -> str:
-    payload = claims if isinstance(claims, str) else orjson.dumps(claims).decode()
-    signing_input = f"{b64(orjson.dumps(header))}.{b64(payload.encode())}"
-    return (
-        f"{signing_input}.{b64(hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest())}"
-    )
+def signed(header: dict[str, Any], claims: dict[str, Any], secret: str) -> str:
+    return hand_signed(header, claims, secret.encode())
 
 
 def claims(**extra: Any) -> dict[str, Any]:
-    now = int(time.time())
-    return {
-        "iss": "edgeproxy",
-        "aud": "edgeproxy",
-        "sub": "billing",
-        "jti": "k1",
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-        **extra,
-    }
+    return {**valid_claims(), **extra}
 
 
 def unsigned(alg: str) -> str:
