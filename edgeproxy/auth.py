@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 from redis import asyncio as aioredis
 
-from .cache.remote import BACKEND_ERRORS, Detached, FaultGate, RedisCounters, open_redis
+from .cache.remote import GuardedRedis, RedisCounters, RedisUnavailable, open_redis
 from .errors import GatewayError
 from .exchange import Exchange, Identity
 from .pipeline import Handler
@@ -300,7 +300,7 @@ class RedisRevocations:
     A revoked id stays cached for good (revocation is final); a clean one for `cache_seconds`.
     When Redis cannot answer in time the key is admitted: a Redis outage must not stop the
     gateway, and ids already seen revoked stay refused. Calls go through the project's
-    `Detached` runner and `FaultGate` (see cache/remote.py for why no pooled call is cancelled).
+    `GuardedRedis` (see cache/remote.py for why no pooled call is cancelled).
     """
 
     def __init__(
@@ -316,8 +316,7 @@ class RedisRevocations:
     ) -> None:
         self._client = client
         self._prefix = prefix + "revoked:"
-        self._calls = Detached(timeout)
-        self.gate = FaultGate("revocation", counters=counters)
+        self._guarded = GuardedRedis("revocation", timeout, counters)
         self._cache_seconds = cache_seconds
         self._max_cached = max_cached
         self._clock = clock
@@ -328,24 +327,20 @@ class RedisRevocations:
         cached = self._cache.get(key_id)
         if cached is not None and (cached[0] or cached[1] > now):
             return cached[0]
-        if not self.gate.open():
-            return cached is not None and cached[0]
         try:
-            revoked = bool(await self._calls(self._client.exists(self._prefix + key_id)))
-        except BACKEND_ERRORS as exc:
-            self.gate.failed(exc)
-            return False
-        self.gate.succeeded()
+            revoked = bool(await self._guarded(lambda: self._client.exists(self._prefix + key_id)))
+        except RedisUnavailable:
+            return cached is not None and cached[0]
         if len(self._cache) >= self._max_cached:
             del self._cache[next(iter(self._cache))]
         self._cache[key_id] = (revoked, now + self._cache_seconds)
         return revoked
 
     async def revoke(self, key_id: str) -> None:
-        await self._calls(self._client.set(self._prefix + key_id, str(int(time.time()))))
+        await self._guarded.calls(self._client.set(self._prefix + key_id, str(int(time.time()))))
 
     async def close(self) -> None:
-        await self._calls.drain()
+        await self._guarded.calls.drain()
         await self._client.aclose(close_connection_pool=True)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from redis import asyncio as aioredis
 
-from .cache.remote import BACKEND_ERRORS, Detached, FaultGate, RedisCounters, open_redis
+from .cache.remote import GuardedRedis, RedisCounters, RedisUnavailable, open_redis
 from .errors import GatewayError
 from .estimate import worst_case
 from .exchange import Exchange
@@ -112,7 +112,7 @@ class LedgerUnavailable(Exception):
 class RedisLedger:
     """Spend shared by a fleet: INCRBYFLOAT on one key per scope and period, expiring after it.
 
-    Calls go through the project's `Detached` runner (no pooled call is ever cancelled) and a
+    Calls go through `GuardedRedis`: detached (no pooled call is ever cancelled) behind a
     `FaultGate`, so a dead Redis costs one timeout per cooldown, not one per request.
     """
 
@@ -124,8 +124,7 @@ class RedisLedger:
     ) -> None:
         self._client = client
         self._prefix = prefix + "spend:"
-        self._calls = Detached(timeout)
-        self.gate = FaultGate("budget", counters=counters)
+        self._guarded = GuardedRedis("budget", timeout, counters)
 
     @classmethod
     def open(cls, settings: RateLimitSettings, counters: RedisCounters | None = None) -> RedisLedger:
@@ -145,19 +144,14 @@ class RedisLedger:
         return float(total)
 
     async def close(self) -> None:
-        await self._calls.drain()
+        await self._guarded.calls.drain()
         await self._client.aclose(close_connection_pool=True)
 
     async def _run(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        if not self.gate.open():
-            raise LedgerUnavailable("Redis is cooling down after a failure")
         try:
-            result = await self._calls(call())
-        except BACKEND_ERRORS as exc:
-            self.gate.failed(exc)
-            raise LedgerUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        self.gate.succeeded()
-        return result
+            return await self._guarded(call)
+        except RedisUnavailable as exc:
+            raise LedgerUnavailable(str(exc)) from exc
 
     def _key(self, scope: str, window: Window) -> str:
         return f"{self._prefix}{scope}:{window.start}"

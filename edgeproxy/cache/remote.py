@@ -154,3 +154,31 @@ class FaultGate:
             )
             self._warned_at = now
             self._unreported = 0
+
+
+class RedisUnavailable(Exception):
+    """A guarded Redis call did not answer in time, failed, or its backend is cooling down."""
+
+
+class GuardedRedis:
+    """Detached calls behind a FaultGate: the one way the cache, limits, budgets and revocations call Redis.
+
+    >>> guarded = GuardedRedis("budget", timeout=0.25)
+    >>> value = await guarded(lambda: client.get(key))  # RedisUnavailable instead of a hang
+    """
+
+    def __init__(self, component: str, timeout: float, counters: RedisCounters | None = None) -> None:
+        self.calls = Detached(timeout)
+        self.gate = FaultGate(component, counters=counters)
+
+    async def __call__(self, call: Callable[[], Awaitable[T]]) -> T:
+        # A factory, not an awaitable: while cooling down, no coroutine is created only to be dropped.
+        if not self.gate.open():
+            raise RedisUnavailable("Redis is cooling down after a failure")
+        try:
+            result = await self.calls(call())
+        except BACKEND_ERRORS as exc:
+            self.gate.failed(exc)
+            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        self.gate.succeeded()
+        return result

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
-from ..cache.remote import BACKEND_ERRORS, Detached, FaultGate, RedisCounters, open_redis
+from ..cache.remote import FaultGate, GuardedRedis, RedisCounters, RedisUnavailable, open_redis
 from ..settings import RateLimitSettings
 from .windows import Charge, Verdict, WindowsUnavailable
 
@@ -133,8 +133,11 @@ class RedisWindows:
         self._client = client
         self._script = client.register_script(SCRIPT)
         self._prefix = prefix + "rl:"
-        self._calls = Detached(timeout)
-        self.gate = FaultGate("ratelimit", counters=counters)
+        self._guarded = GuardedRedis("ratelimit", timeout, counters)
+
+    @property
+    def gate(self) -> FaultGate:
+        return self._guarded.gate
 
     @classmethod
     def open(cls, settings: RateLimitSettings, counters: RedisCounters | None = None) -> RedisWindows:
@@ -144,9 +147,9 @@ class RedisWindows:
     async def start(self) -> None:
         """Open a first connection and load the script, so the first requests pay for neither."""
         try:
-            await self._calls(self._client.script_load(SCRIPT))
-        except BACKEND_ERRORS as exc:
-            self.gate.failed(exc)
+            await self._guarded(lambda: self._client.script_load(SCRIPT))
+        except RedisUnavailable:
+            pass  # counted and warned by the gate; the first request loads it instead
 
     async def admit(self, charges: Sequence[Charge], reservation: str) -> Verdict:
         reply = await self._run("admit", charges, reservation)
@@ -158,12 +161,10 @@ class RedisWindows:
         await self._run("settle", charges, reservation)
 
     async def close(self) -> None:
-        await self._calls.drain()
+        await self._guarded.calls.drain()
         await self._client.aclose(close_connection_pool=True)
 
     async def _run(self, mode: str, charges: Sequence[Charge], reservation: str) -> list[bytes]:
-        if not self.gate.open():
-            raise WindowsUnavailable("Redis is cooling down after a failure")
         keys: list[str] = []
         args: list[str | int | float] = [mode, reservation]
         for charge in charges:
@@ -172,9 +173,7 @@ class RedisWindows:
             # repr() in both calls, so the settle step names the member admission wrote.
             args += (charge.window_seconds * 1000, charge.quota, repr(charge.amount), repr(charge.reserved))
         try:
-            reply = await self._calls(self._script(keys=keys, args=args))
-        except BACKEND_ERRORS as exc:
-            self.gate.failed(exc)
-            raise WindowsUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        self.gate.succeeded()
+            reply = await self._guarded(lambda: self._script(keys=keys, args=args))
+        except RedisUnavailable as exc:
+            raise WindowsUnavailable(str(exc)) from exc
         return list(reply)
