@@ -18,7 +18,7 @@ from .cache import CacheStage, open_store
 from .logs.batcher import LogBatcher
 from .logs.migrate import migrate
 from .logs.spool import Spool
-from .logs.store import LogStore, open_log_store
+from .logs.store import LogStore, open_log_store, preload_client_modules
 from .metrics import Metrics, render_metrics
 from .observe import Observe
 from .pipeline import Intake, chain, gateway_handler
@@ -106,6 +106,7 @@ def create_app(settings: Settings) -> web.Application:
 def _open_log(app: web.Application, settings: Settings, metrics: Metrics) -> LogBatcher:
     """The request log: store, spool and batcher; migrations run (and retry) in the background."""
     logs = settings.logs
+    preload_client_modules(embedded=not logs.clickhouse_url)
     store = open_log_store(logs, settings.data_dir)
     spool = Spool(settings.data_dir / "spool", logs.spool_max_bytes)
     batcher = LogBatcher(

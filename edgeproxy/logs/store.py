@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
+from clickhouse_connect.driver import options as client_options
 from clickhouse_connect.driver.client import Client
 
 from ..settings import LogSettings
@@ -129,6 +130,18 @@ class LogStore:
             self._write_client = None
         else:
             self._read_client = None
+
+
+def preload_client_modules(*, embedded: bool) -> None:
+    """Import now what clickhouse-connect would import on the first insert or connect.
+
+    Its insert path resolves pandas lazily (to recognise a DataFrame), and the chDB backend
+    imports chdb on connect: about half a second of CPU under the GIL, which would stall every
+    request in flight if it happened while serving. Call once at startup, before traffic.
+    """
+    _ = client_options.pd  # the module's lazy attribute: resolving it imports pandas, when installed
+    if embedded:
+        import chdb  # noqa: F401 - imported for its side effect only
 
 
 def embedded_folder(data_dir: Path) -> Path:
