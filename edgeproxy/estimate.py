@@ -8,8 +8,10 @@ that lands later let every concurrent request through on the same reading).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .exchange import Exchange
+if TYPE_CHECKING:  # exchange.py holds a WorstCase: a runtime import would be circular
+    from .exchange import Exchange
 
 # Byte-level BPE tokens average about four bytes of English; two bytes per token covers
 # code, digits and most non-Latin text too, so a prompt rarely costs more than reserved.
@@ -32,7 +34,16 @@ class WorstCase:
 
 
 def worst_case(ex: Exchange, default_max_tokens: int) -> WorstCase:
-    """Prompt tokens estimated from the prompt's text; completion bounded by max_tokens (or the default)."""
+    """Prompt tokens estimated from the prompt's text; completion bounded by max_tokens (or the default).
+
+    Computed once per request: the rate-limit and budget stages both reserve it.
+    """
+    if ex.worst_case is None:
+        ex.worst_case = _estimate(ex, default_max_tokens)
+    return ex.worst_case
+
+
+def _estimate(ex: Exchange, default_max_tokens: int) -> WorstCase:
     document = ex.json()
     if document is None:
         prompt_bytes = len(ex.body)

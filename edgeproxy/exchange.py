@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from .estimate import WorstCase
 from .options import RequestOptions
 from .settings import TargetSettings
 from .targets import Route
@@ -104,6 +105,8 @@ class Exchange:
     response_filter: ResponseFilter | None = None
     # Raw end of a stream whose capture overflowed, plus any hidden usage event.
     usage_tail: bytes = b""
+    # The reservation size, estimated once (estimate.worst_case) for every stage that reserves.
+    worst_case: WorstCase | None = None
     _json: Any = None
     _json_parsed: bool = False
 
@@ -128,6 +131,7 @@ class Exchange:
         self._json = document
         self._json_parsed = True
         self.body = orjson.dumps(document)
+        self.worst_case = None
 
     @property
     def model(self) -> str:

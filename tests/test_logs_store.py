@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -261,3 +263,16 @@ def test_open_log_store_picks_the_engine(tmp_path: Path) -> None:
     server = open_log_store(LogSettings(clickhouse_url="https://u:p@ch.internal"), tmp_path)
     assert server.name == "https://ch.internal:8443"
     assert server.qualified == "edgeproxy.requests"
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_preload_imports_what_the_first_insert_would_import_while_serving(embedded: bool):
+    # In a fresh interpreter: this one has long imported everything.
+    script = (
+        "import sys\n"
+        "from edgeproxy.logs.store import preload_client_modules\n"
+        f"preload_client_modules(embedded={embedded})\n"
+        "print('pandas' in sys.modules, 'chdb' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", str(embedded)]
