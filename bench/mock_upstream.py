@@ -14,6 +14,7 @@ Control, by header or by a dash-separated token in the model name (headers win):
     X-Mock-Hang-After: 3         model ...-hangafter-3     stop sending after N content chunks, stay open
     X-Mock-Garbage: 1            model ...-garbage         invalid SSE (or invalid JSON when not streaming)
     X-Mock-Echo: 1               model ...-echo            JSON replies carry "mock_echo" (what arrived)
+    X-Mock-Set-Cookie: a=b                                 JSON replies carry Set-Cookie: a=b
 
 Replies are deterministic: content is "echo: <last user message>" then filler words, one per chunk.
 Run standalone with `python -m bench.mock_upstream --port 9999`; `GET /_mock/stats`, `POST /_mock/reset`.
@@ -108,6 +109,7 @@ _HEADER_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("X-Mock-Hang-After", "hang_after", _count),
     ("X-Mock-Garbage", "garbage", _flag),
     ("X-Mock-Echo", "echo", _flag),
+    ("X-Mock-Set-Cookie", "set_cookie", str),
 )
 
 
@@ -127,6 +129,7 @@ class Control:
     hang_after: int | None = None
     garbage: bool = False
     echo: bool = False
+    set_cookie: str = ""
 
     def gap_before(self, index: int) -> float:
         """Seconds to pause before content chunk `index`."""
@@ -723,9 +726,10 @@ class MockUpstream:
                     "body": raw.decode("utf-8", "replace"),
                 }
             payload = _GARBAGE_JSON if control.garbage else orjson.dumps(reply)
-            return web.Response(
-                body=payload, content_type="application/json", headers={"x-request-id": f"req_mock{seq}"}
-            )
+            headers = {"x-request-id": f"req_mock{seq}"}
+            if control.set_cookie:
+                headers["Set-Cookie"] = control.set_cookie
+            return web.Response(body=payload, content_type="application/json", headers=headers)
         except asyncio.CancelledError:
             self._cancelled(request.path, nonce)
             raise

@@ -67,7 +67,9 @@ def create_app(settings: Settings) -> web.Application:
     app[LIMITER] = RateLimitStage(
         settings.ratelimit, PolicyBook(settings.apps), open_windows(settings.ratelimit, metrics), prices, metrics
     )
-    app[CACHE] = CacheStage(settings.cache, open_store(settings.cache, metrics), prices)
+    app[CACHE] = CacheStage(
+        settings.cache, open_store(settings.cache, metrics), prices, stall_seconds=settings.timeouts.idle
+    )
     app.cleanup_ctx.append(_limits_and_cache_ctx)
     verifier = KeyVerifier(settings.auth) if has_key_material(settings.auth) else None
     app[REVOCATIONS] = open_revocations(settings, metrics)

@@ -21,7 +21,7 @@ from .pricing import PriceTable
 log = logging.getLogger("edgeproxy.observe")
 
 # Request parameters worth keeping as columns of their own in the log (the body has the rest).
-LOGGED_PARAMS = (
+LOGGED_PARAMS = frozenset({
     "temperature",
     "top_p",
     "max_tokens",
@@ -35,7 +35,7 @@ LOGGED_PARAMS = (
     "frequency_penalty",
     "stop",
     "user",
-)
+})
 _OUTCOME_BY_STATUS = {401: "unauthorized", 403: "forbidden", 413: "rejected", 429: "rate_limited"}
 
 
@@ -165,7 +165,7 @@ class Observe:
             session_id=options.session_id,
             session_path=options.session_path,
             session_name=options.session_name,
-            params={k: document[k] for k in LOGGED_PARAMS if k in document} if document else {},
+            params={k: v for k, v in document.items() if k in LOGGED_PARAMS} if document else {},
             request_body=request_body,
             request_truncated=request_truncated,
             response_body=response_body,

@@ -62,8 +62,12 @@ class Intake:
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(limit)
         try:
-            async with asyncio.timeout(self._settings.server.body_seconds):
+            if request.content.is_eof():
+                # The whole body came with the headers (the usual case): nothing to wait for.
                 ex.body = await request.read()
+            else:
+                async with asyncio.timeout(self._settings.server.body_seconds):
+                    ex.body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(limit) from None
         except TimeoutError:

@@ -125,6 +125,20 @@ async def send(ex: Exchange, client: web.StreamResponse, chunk: bytes, stall_sec
         await client.write(chunk)
 
 
+async def send_whole(ex: Exchange, client: web.Response, stall_seconds: float) -> web.Response:
+    """Send a complete response (headers and body); a client that stops reading is cut off as in `send`."""
+    await client.prepare(ex.request)
+    ex.client_first_byte = time.perf_counter()
+    try:
+        if may_wait(ex, client.content_length or 0):
+            await within_stall(ex, client.write_eof(), stall_seconds)
+        else:
+            await client.write_eof()
+    except ConnectionError:
+        ex.outcome = "cancelled"
+    return client
+
+
 def may_wait(ex: Exchange, size: int) -> bool:
     """Whether writing `size` bytes can wait on the client: bytes are still unsent, or it is a big write.
 

@@ -66,6 +66,8 @@ def _climbs(path: str) -> bool:
 
     The path arrives decoded once, and the client decodes `%2e` once more, so both readings count.
     """
+    if "." not in path and "%" not in path:
+        return False  # nearly every path: no segment can read as a dot
     readings = (path, unquote(path))
     return any(segment in (".", "..") for text in readings for segment in text.replace("\\", "/").split("/"))
 

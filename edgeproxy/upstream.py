@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .options import RetryPolicy
 from .routing import DeploymentState, Route, Router
 from .settings import Settings, TargetSettings
-from .streaming import error_event, may_wait, relay, within_stall
+from .streaming import error_event, relay, send_whole, within_stall
 from .targets import client_headers, upstream_headers, upstream_url
 
 log = logging.getLogger("edgeproxy.upstream")
@@ -53,7 +53,13 @@ class Upstreams:
                 total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.idle
             )
             session = aiohttp.ClientSession(
-                connector=connector, timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
+                connector=connector,
+                timeout=timeout,
+                auto_decompress=True,
+                skip_auto_headers=("User-Agent",),
+                # Every tenant shares this session: a cookie one upstream reply set must never ride
+                # along on another's request. Set-Cookie still reaches the client that got the reply.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
             self._sessions[key] = session
         return session
@@ -308,16 +314,7 @@ class Forwarder:
     async def _send_whole(ex: Exchange, client: web.Response, stall_seconds: float) -> web.Response:
         """Send now, so the stages after this one (cache, limits, log) cost the client nothing."""
         client.headers[OVERHEAD_HEADER] = _overhead_ms(ex, ex.upstream_done)
-        await client.prepare(ex.request)
-        ex.client_first_byte = time.perf_counter()
-        try:
-            if may_wait(ex, client.content_length or 0):
-                await within_stall(ex, client.write_eof(), stall_seconds)
-            else:
-                await client.write_eof()
-        except ConnectionError:
-            ex.outcome = "cancelled"
-        return client
+        return await send_whole(ex, client, stall_seconds)
 
 
 def _overhead_ms(ex: Exchange, upstream_ready: float | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import socket
 import time
 
@@ -85,11 +86,13 @@ async def test_async_streaming_and_tool_calls(mock, gateway: RunningGateway) -> 
 async def raw_stream(url: str, body: dict, headers: dict | None = None) -> list[tuple[float, bytes]]:
     """Read an SSE response as (arrival time, bytes) pairs, exactly as the socket delivered them."""
     arrivals = []
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        async with session.post(url + "/chat/completions", json=body, headers=headers or {}) as response:
-            assert response.status == 200
-            async for chunk in response.content.iter_any():
-                arrivals.append((time.perf_counter(), chunk))
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(url + "/chat/completions", json=body, headers=headers or {}) as response,
+    ):
+        assert response.status == 200
+        async for chunk in response.content.iter_any():
+            arrivals.append((time.perf_counter(), chunk))
     return arrivals
 
 
@@ -109,7 +112,7 @@ async def test_sse_bytes_identical_and_timing_preserved(mock, gateway: RunningGa
 
     assert normalise(b"".join(c for _, c in proxied)) == normalise(b"".join(c for _, c in direct))
     # Each chunk held 200 ms upstream arrives 200 ms after the one before it, not batched with the next.
-    delayed = [later for earlier, later in zip(proxied, proxied[1:]) if later[0] - earlier[0] >= 0.19]
+    delayed = [later for earlier, later in itertools.pairwise(proxied) if later[0] - earlier[0] >= 0.19]
     assert len(delayed) == 3
     assert all(chunk.count(b"data: ") == 1 for _, chunk in delayed[:-1])
 
@@ -139,12 +142,14 @@ async def test_client_disconnect_cancels_upstream(mock, gateway: RunningGateway)
     ],
 )
 async def test_bad_header_is_400_naming_it(gateway: RunningGateway, header: str, value: str) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(gateway.base_url + "/chat/completions", json=CHAT, headers={header: value}) as response:
-            assert response.status == 400
-            error = (await response.json())["error"]
-            assert header in error["message"] and error["param"] == header
-            assert response.headers["Helicone-Id"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gateway.base_url + "/chat/completions", json=CHAT, headers={header: value}) as response,
+    ):
+        assert response.status == 400
+        error = (await response.json())["error"]
+        assert header in error["message"] and error["param"] == header
+        assert response.headers["Helicone-Id"]
 
 
 async def test_refusals_in_provider_shape(mock, start_gateway: GatewayFactory) -> None:
@@ -218,10 +223,12 @@ async def test_multipart_arrives_intact_and_headers_are_stripped(mock, gateway: 
         "TE": "trailers",
         "X-App-Header": "kept",
     }
-    async with aiohttp.ClientSession() as session:
-        async with session.post(gateway.base_url + "/audio/transcriptions", data=form, headers=headers) as response:
-            assert response.status == 200
-            parts = {part["name"]: part for part in (await response.json())["parts"]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gateway.base_url + "/audio/transcriptions", data=form, headers=headers) as response,
+    ):
+        assert response.status == 200
+        parts = {part["name"]: part for part in (await response.json())["parts"]}
     assert parts["file"]["sha256"] == hashlib.sha256(audio).hexdigest()
     received = {k.lower() for k in mock.requests[-1].headers}
     assert "x-app-header" in received
@@ -251,11 +258,9 @@ async def test_every_response_has_helicone_id_and_health(gateway: RunningGateway
 
 
 async def test_unknown_path_under_v1_is_forwarded(mock, gateway: RunningGateway) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(gateway.base_url + "/nonexistent") as response:
-            assert response.status == 404
+    async with aiohttp.ClientSession() as session, session.get(gateway.base_url + "/nonexistent") as response:
+        assert response.status == 404
     assert mock.requests[-1].path == "/v1/nonexistent"
-    await asyncio.sleep(0)
 
 
 async def test_overhead_header_excludes_upstream_time(gateway: RunningGateway) -> None:
@@ -277,3 +282,17 @@ async def test_overhead_header_excludes_upstream_time(gateway: RunningGateway) -
                 if line.startswith("edgeproxy_gateway_overhead_seconds_count")
             ]
     assert sum(counts) == 2
+
+
+async def test_upstream_cookies_reach_their_client_and_never_a_later_request(mock, start_gateway: GatewayFactory) -> None:
+    # A hostname, not an IP: a cookie jar keeps cookies only from named hosts.
+    gateway = await start_gateway(upstream=mock.url.replace("127.0.0.1", "localhost"))
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        headers = {"X-Mock-Set-Cookie": "session=alice-secret; Path=/"}
+        async with session.post(gateway.base_url + "/chat/completions", json=CHAT, headers=headers) as response:
+            assert response.status == 200
+            assert response.headers["Set-Cookie"] == "session=alice-secret; Path=/"
+        async with session.post(gateway.base_url + "/chat/completions", json=CHAT) as response:
+            assert response.status == 200
+    # The gateway's upstream session is shared by every tenant: it must not replay one's cookie for another.
+    assert "Cookie" not in mock.requests[-1].headers

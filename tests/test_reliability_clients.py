@@ -115,6 +115,36 @@ async def test_slow_body_gets_a_408_after_body_seconds_and_is_logged(
     assert logged["status"] == 408 and "body" in logged["error"]
 
 
+async def never_read(gateway: RunningGateway, body: bytes, headers: bytes) -> asyncio.StreamWriter:
+    """Send one request on a socket that then reads none of the answer."""
+    # A small receive buffer, so the stall comes sooner (the gateway's send buffer still fills first).
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port_of(gateway)))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+        b"Content-Length: %d\r\n\r\n%s" % (headers, len(body), body)
+    )
+    await writer.drain()
+    return writer
+
+
+async def dropped_row(gateway: RunningGateway, writer: asyncio.StreamWriter, request_id: str) -> tuple[dict, float]:
+    """The request's log row once the gateway gave up on the client, and how long that took."""
+    started = time.monotonic()
+
+    async def row() -> dict | None:
+        return (await logged_rows(gateway.app[LOG_STORE], "status, outcome, error, cache")).get(request_id)
+
+    try:
+        logged = await wait_until(row, timeout=15, interval=0.05)
+        return logged, time.monotonic() - started
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 async def test_client_that_never_reads_is_dropped_and_frees_the_upstream(
     mock, start_gateway: GatewayFactory, stream: bool
@@ -123,32 +153,12 @@ async def test_client_that_never_reads_is_dropped_and_frees_the_upstream(
         "[timeouts]\nidle = 1.0\n", {"EDGEPROXY_LOGS_FLUSH_SECONDS": "0.05"}, logs="server"
     )
     request_id = str(uuid.uuid4())
-    body = orjson.dumps({**CHAT, "stream": stream})
-    # A small receive buffer, so the stall comes sooner (the gateway's send buffer still fills first).
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port_of(gateway)))
-    _, writer = await asyncio.open_connection(sock=sock)
     # ~9 MB (a stream) or ~5 MB (one JSON body), and a client that reads none of it: its socket
     # buffers fill, then the gateway's writes wait; after `idle` the gateway gives up on it.
     chunks = 60_000 if stream else 800_000
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"X-Mock-Chunks: %d\r\nHelicone-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s"
-        % (chunks, request_id.encode(), len(body), body)
-    )
-    await writer.drain()
-    started = time.monotonic()
-
-    async def row() -> dict | None:
-        return (await logged_rows(gateway.app[LOG_STORE])).get(request_id)
-
-    try:
-        logged = await wait_until(row, timeout=15, interval=0.05)
-        dropped = time.monotonic() - started
-    finally:
-        writer.close()
+    headers = b"X-Mock-Chunks: %d\r\nHelicone-Request-Id: %s\r\n" % (chunks, request_id.encode())
+    writer = await never_read(gateway, orjson.dumps({**CHAT, "stream": stream}), headers)
+    logged, dropped = await dropped_row(gateway, writer, request_id)
     assert (logged["status"], logged["outcome"]) == (200, "cancelled")
     assert "stopped reading" in logged["error"]
     if stream:  # the upstream connection was let go, not left pinned behind the stalled client
@@ -161,6 +171,31 @@ async def test_client_that_never_reads_is_dropped_and_frees_the_upstream(
         session.post(gateway.base_url + "/chat/completions", json=CHAT) as r,
     ):
         assert r.status == 200
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_client_that_never_reads_a_cache_hit_is_dropped(start_gateway: GatewayFactory, stream: bool) -> None:
+    # Captures (and so cache entries) up to 4 × body_max_bytes: room for the answers below.
+    config = "[timeouts]\nidle = 1.0\n[logs]\nbody_max_bytes = 4000000\n"
+    gateway = await start_gateway(config, {"EDGEPROXY_LOGS_FLUSH_SECONDS": "0.05"}, logs="server")
+    body = {**CHAT, "stream": stream}
+    chunks = 30_000 if stream else 800_000  # ~4.5 MB or ~5 MB: more than the socket buffers hold
+    cache = {"Helicone-Cache-Enabled": "true", "X-Mock-Chunks": str(chunks)}
+    async with aiohttp.ClientSession() as session:
+
+        async def cached() -> bool:
+            async with session.post(gateway.base_url + "/chat/completions", json=body, headers=cache) as r:
+                await r.read()
+                return r.headers["Helicone-Cache"] == "HIT"
+
+        await wait_until(cached, timeout=10)
+    request_id = str(uuid.uuid4())
+    headers = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in cache.items())
+    writer = await never_read(gateway, orjson.dumps(body), headers + b"Helicone-Request-Id: %s\r\n" % request_id.encode())
+    logged, dropped = await dropped_row(gateway, writer, request_id)
+    assert (logged["status"], logged["outcome"], logged["cache"]) == (200, "cancelled", "HIT")
+    assert "stopped reading" in logged["error"]
+    print(f"\nnever-reading client of a cache hit ({'stream' if stream else 'whole body'}) dropped within {dropped:.1f} s")
 
 
 # --- against a gateway process, measured from /proc ----------------------------------------------

@@ -299,13 +299,15 @@ KINDS: dict[str, Callable[[RunningGateway], Awaitable[tuple[str, Expect]]]] = {
 async def settled_rows(gateway: RunningGateway, expected: int, timeout: float = 15.0) -> dict[str, dict[str, Any]]:
     """Every row once `expected` distinct requests landed; asserts the count is exact and unduplicated."""
     store: LogStore = gateway.app[LOG_STORE]
+    batcher = gateway.app[LOG_BATCHER]
+    # Inserted rows mean the migrations ran: the table may not exist before (fast clients finish first).
+    await wait_until(lambda: batcher.stats.rows_written + batcher.stats.rows_replayed >= expected, timeout=timeout)
 
     async def distinct() -> bool:
         rows = await store.query(f"SELECT uniqExact(request_id) AS n FROM {store.qualified}")
         return rows[0]["n"] >= expected
 
     await wait_until(distinct, timeout=timeout, interval=0.05)
-    batcher = gateway.app[LOG_BATCHER]
     await wait_until(lambda: batcher.stats.queue_depth == 0, timeout=timeout)
     counts = await store.query(
         f"SELECT count() AS final, uniqExact(request_id) AS distinct FROM {store.qualified} FINAL"

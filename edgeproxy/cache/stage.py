@@ -11,6 +11,7 @@ from ..exchange import Exchange
 from ..pipeline import Handler
 from ..pricing import PriceTable
 from ..settings import CacheSettings
+from ..streaming import send, send_whole
 from .entry import CachedResponse
 from .key import CacheKey, cache_key
 from .store import ResponseStore
@@ -26,8 +27,12 @@ class CacheStage:
     one of them at random. Only complete 2xx answers the client fully received are stored.
     """
 
-    def __init__(self, settings: CacheSettings, store: ResponseStore, prices: PriceTable) -> None:
+    def __init__(
+        self, settings: CacheSettings, store: ResponseStore, prices: PriceTable, *, stall_seconds: float
+    ) -> None:
         self._settings = settings
+        # A replay, like a relay, drops a client that accepts nothing for this long (timeouts.idle).
+        self._stall_seconds = stall_seconds
         self._store = store
         self._prices = prices
 
@@ -68,19 +73,19 @@ class CacheStage:
         for chunk in entry.chunks:
             ex.capture.add(chunk)
         headers = {**ex.response_headers, "Content-Type": entry.content_type, HEADER: "HIT"}
-        if entry.streamed:
-            response = web.StreamResponse(status=entry.status, headers=headers)
-            await response.prepare(ex.request)
-            ex.client_first_byte = time.perf_counter()
-            for chunk in entry.chunks:
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-        whole = web.Response(status=entry.status, body=entry.body, headers=headers)
-        await whole.prepare(ex.request)
+        if not entry.streamed:
+            whole = web.Response(status=entry.status, body=entry.body, headers=headers)
+            return await send_whole(ex, whole, self._stall_seconds)
+        response = web.StreamResponse(status=entry.status, headers=headers)
+        await response.prepare(ex.request)
         ex.client_first_byte = time.perf_counter()
-        await whole.write_eof()
-        return whole
+        try:
+            for chunk in entry.chunks:
+                await send(ex, response, chunk, self._stall_seconds)
+            await response.write_eof()
+        except ConnectionError:
+            ex.outcome = "cancelled"
+        return response
 
     async def close(self) -> None:
         await self._store.close()
