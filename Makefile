@@ -9,7 +9,7 @@ PORT ?= 8787
 MOCK_PORT ?= 9999
 PYTEST_ARGS ?=
 
-.PHONY: run demo test reliability bench install install-test services browser lint clean help
+.PHONY: run demo test reliability bench install install-test services browser lint constraints clean help
 
 help:
 	@echo "make run          run the gateway on embedded defaults (http://$(HOST):$(PORT)/v1)"
@@ -24,12 +24,14 @@ $(BIN)/python:
 	  apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e .
+# constraints.txt pins every package to the versions the suite last passed with, so a new
+# release upstream cannot change a clean clone's result; refresh it with `make constraints`.
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e .
 	@touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	@touch $@
 
 install: $(VENV)/.installed
@@ -71,6 +73,9 @@ lint: install-test
 	$(BIN)/pip install -q ruff mypy
 	$(BIN)/ruff check edgeproxy bench tests
 	$(BIN)/mypy edgeproxy
+
+constraints: install-test
+	$(BIN)/pip freeze --exclude-editable | grep -viE '^(py-spy|mypy|mypy.extensions|ruff|pathspec|librt)==' > constraints.txt
 
 clean:
 	rm -rf $(VENV) .edgeproxy .pytest_cache test-output

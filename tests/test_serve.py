@@ -79,7 +79,8 @@ async def admin_has(url: str, request_id: str) -> bool:
         aiohttp.ClientSession(connector=connector) as session,
         session.get(f"{url}/admin/v1/requests/{request_id}") as response,
     ):
-        if response.status == 404:
+        # 503 log_unavailable: that worker's log is not migrated yet (its first moments): ask again.
+        if response.status == 404 or (response.status == 503 and "log_unavailable" in await response.text()):
             return False
         assert response.status == 200, await response.text()
         return request_id in await response.text()
