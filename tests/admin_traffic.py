@@ -8,6 +8,7 @@ must stay text wherever it is shown.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -106,6 +107,9 @@ async def send_traffic(base_url: str, calls: Sequence[Call] = CALLS) -> list[Sen
                         response.headers.get("Helicone-Cache", ""),
                     )
                 )
+            # The log keeps start times to the millisecond: two requests within one would tie,
+            # and "newest first" could not tell them apart (a cache hit takes well under 1 ms).
+            await asyncio.sleep(0.002)
     return sent
 
 
