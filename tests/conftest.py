@@ -98,6 +98,15 @@ def clickhouse_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
+def double(tmp_path: Path) -> Iterator[ClickHouseServer]:
+    """A ClickHouse endpoint of this test's own, which it may stop, freeze and start again."""
+    server = ClickHouseServer(tmp_path / "clickhouse")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
         yield client

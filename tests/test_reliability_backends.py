@@ -17,7 +17,7 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -45,14 +45,6 @@ async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
     await server.start()
     yield server
     await server.stop()
-
-
-@pytest.fixture
-def double(tmp_path: Path) -> Iterator[ClickHouseServer]:
-    server = ClickHouseServer(tmp_path / "clickhouse")
-    server.start()
-    yield server
-    server.stop()
 
 
 History = list[tuple[float, str, int, str, float]]

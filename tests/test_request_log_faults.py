@@ -12,7 +12,6 @@ import signal
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -33,15 +32,6 @@ FLUSH_SECONDS = 0.5
 # The documented kill -9 window (a batch filling, and one given its insert patience), plus
 # scheduling slack on a loaded 2-core machine: rows answered before it must survive.
 WINDOW = FLUSH_SECONDS + MIN_INSERT_PATIENCE + 0.5
-
-
-@pytest.fixture
-def double(tmp_path: Path) -> Iterator[ClickHouseServer]:
-    """A ClickHouse endpoint of this test's own, which it may stop, freeze and start again."""
-    server = ClickHouseServer(tmp_path / "clickhouse")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def timed(session: aiohttp.ClientSession, url: str, count: int) -> list[float]:
