@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import shutil
 import sys
 import time
@@ -12,11 +14,14 @@ import orjson
 import pytest
 
 from bench.compare import (
+    DEFAULT_ROUNDS,
     Check,
     Measurement,
+    Plan,
     RunReport,
     Trace,
     area,
+    build_plan,
     check_targets,
     measure,
     parse_stacks,
@@ -193,6 +198,45 @@ def test_markdown_has_ratios_against_direct_and_each_peer() -> None:
     assert row.split(" | ")[1:8] == ["1600", "0.40", "0.50", "30.00", "61.00", "+20.00", "+41.00"]
     assert "2 cores" in text and "nginx 1.22.1" in text and "2026-01-01" in text
     assert "- **litellm**: install failed" in text
+
+
+def test_interleaved_rounds_decide_the_throughput_ratios() -> None:
+    single_pass = [
+        _measured("nginx", "c64", 3000, 12, 22),
+        _measured("edgeproxy-1w", "c64", 1200, 30, 60),  # one pass alone: 0.40× nginx
+        _measured("edgeproxy-1w-clickhouse", "c64", 1000, 35, 70),  # one pass alone: 0.83× off (a miss)
+    ]
+    rounds = (
+        {"nginx": 3000.0, "edgeproxy-1w": 900.0, "edgeproxy-1w-clickhouse": 850.0},
+        {"nginx": 2800.0, "edgeproxy-1w": 1000.0, "edgeproxy-1w-clickhouse": 930.0},
+        {"edgeproxy-1w": 1100.0, "edgeproxy-1w-clickhouse": 1050.0, "nginx": 3100.0},
+    )
+    report = dataclasses.replace(_report(single_pass), rounds=rounds)
+    verdicts = {check.target: check for check in check_targets(report)}
+    # Median of the per-round ratios (0.30, 0.357…, 0.354…), not the ratio of medians nor the single pass.
+    assert verdicts["throughput (c64) within 3× of nginx"] == Check(
+        "throughput (c64) within 3× of nginx", "0.35× (median of 3 interleaved rounds, 0.30–0.36)", True)
+    logging = verdicts["throughput (c64) with logging on (clickhouse) within 10% of off"]
+    assert logging.ok is True and logging.measured.startswith("0.94× (median of 3 interleaved rounds")
+    assert verdicts["throughput (c64) with logging on (embedded) within 10% of off"].ok is None
+    text = render_markdown(report)
+    assert "## c64 in interleaved rounds" in text
+    header = next(line for line in text.splitlines() if line.startswith("| round |"))
+    assert header.endswith("| edgeproxy-1w ÷ nginx | edgeproxy-1w-clickhouse ÷ edgeproxy-1w |")
+    assert "| 3 | 3100 | 1100 | 1050 | 0.35 | 0.95 |" in text
+
+
+def test_rounds_run_by_default_only_in_a_full_run_with_c64() -> None:
+    def plan(*argv: str) -> Plan:
+        parser_args = {"quick": False, "soak": None, "only": None, "scenarios": None, "rounds": None}
+        for flag, value in zip(argv[::2], argv[1::2], strict=True):
+            parser_args[flag] = value
+        return build_plan(argparse.Namespace(**parser_args))
+
+    assert plan().rounds == DEFAULT_ROUNDS
+    assert plan("quick", True).rounds == 0
+    assert plan("scenarios", "c1,stream-c1").rounds == 0
+    assert plan("quick", True, "rounds", 2).rounds == 2
 
 
 @pytest.mark.parametrize(

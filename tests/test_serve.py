@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import uuid
 from functools import partial
@@ -12,6 +13,7 @@ import aiohttp
 import orjson
 
 from bench.mock_upstream import MockUpstream
+from edgeproxy.serve import GC_YOUNG_THRESHOLD, tune_collector
 
 from .conftest import wait_until
 from .gateway_process import GatewayProcess, rows_in_folder
@@ -111,3 +113,16 @@ async def test_workers_exit_when_the_master_is_killed(mock: MockUpstream, tmp_pa
     await gateway.kill()
     # No orphan keeps the port: each worker is told (SIGTERM) that its master died, and drains.
     await wait_until(lambda: not any(alive(pid) for pid in workers), timeout=15)
+
+
+def test_tune_collector_freezes_startup_objects_and_collects_the_young_generation_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.unfreeze()
+        tune_collector()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+        assert GC_YOUNG_THRESHOLD > before[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
