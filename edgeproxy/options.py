@@ -21,6 +21,7 @@ from .errors import bad_header
 
 Unit = Literal["request", "cents", "tokens"]
 
+GATEWAY_PREFIX = "helicone-"
 PROPERTY_PREFIX = "helicone-property-"
 MAX_PROPERTIES = 32
 MAX_VALUE_CHARS = 512
@@ -85,6 +86,13 @@ class RequestOptions:
 
 def parse_options(headers: Mapping[str, str], default_id: str) -> RequestOptions:
     """Parse all gateway headers of one request; raise a 400 GatewayError on the first bad one."""
+    # Most requests carry no gateway header at all: their options are the defaults. (Cache-Control
+    # alone means nothing here; it is read only with Helicone-Cache-Enabled.)
+    for key in headers:
+        if key[:9].lower() == GATEWAY_PREFIX:
+            break
+    else:
+        return RequestOptions(request_id=default_id)
     get = headers.get
     given_id = get("Helicone-Request-Id")
     request_id = default_id if given_id is None else _uuid(given_id, "Helicone-Request-Id")
