@@ -71,7 +71,7 @@ PROFILE_SCENARIOS = ("c64", "stream-c32")
 # margins the targets leave. Rounds put the contenders side by side in time; the median of the
 # per-round ratios is what the targets read.
 PAIRED_CONTENDERS = ("nginx", "edgeproxy-1w", "edgeproxy-1w-embedded", "edgeproxy-1w-clickhouse")
-PAIRED_SECONDS = 4.0
+PAIRED_SECONDS = 3.0
 DEFAULT_ROUNDS = 5
 
 

@@ -83,17 +83,17 @@ class Scenario:
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("c1", 1, 3_000, 6.0, warmup=50, description="non-streaming, concurrency 1: added latency"),
-    Scenario("c64", 64, 60_000, 8.0, warmup=256, description="non-streaming, concurrency 64: throughput"),
+    Scenario("c64", 64, 60_000, 6.0, warmup=256, description="non-streaming, concurrency 64: throughput"),
     Scenario(
         "stream-c1", 1, 1_500, 5.0, stream=True, chunks=50, warmup=20,
         description="streaming 50 chunks, concurrency 1: added time to first byte",
     ),
     Scenario(
-        "stream-c32", 32, 4_000, 8.0, stream=True, chunks=50, chunk_gap_ms=5, warmup=64,
+        "stream-c32", 32, 4_000, 6.0, stream=True, chunks=50, chunk_gap_ms=5, warmup=64,
         description="streaming 50 chunks 5 ms apart, concurrency 32: relay under load",
     ),
     Scenario(
-        "cache-hit", 64, 60_000, 8.0, cache=True, warmup=256,
+        "cache-hit", 64, 60_000, 6.0, cache=True, warmup=256,
         description="non-streaming, concurrency 64, Helicone-Cache-Enabled with one body: the hit path",
     ),
 )

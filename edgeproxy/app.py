@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from .admin.api import add_admin_routes
 from .admin.metrics_port import metrics_listener
-from .auth import Authenticate, KeyVerifier, RevocationList, has_key_material, open_revocations
+from .auth import Authenticate, KeyVerifier, has_key_material
 from .budget import Budgets, SpendLedger, open_ledger
 from .cache import CacheStage, open_store
 from .logs.batcher import LogBatcher
@@ -25,6 +25,7 @@ from .pipeline import Intake, chain, gateway_handler
 from .policy import Police
 from .pricing import PriceTable
 from .ratelimit import PolicyBook, RateLimitStage, open_windows
+from .revocation import RevocationList, open_revocations
 from .routing import Router
 from .settings import Settings
 from .upstream import Forwarder, Upstreams

@@ -23,10 +23,11 @@ from typing import Any
 
 import orjson
 
-from .auth import KEY_ID, PERIODS, KeyGrant, KeyIssuer, KeyVerifier, open_revocations
+from .auth import KEY_ID, PERIODS, KeyGrant, KeyIssuer, KeyVerifier
 from .cache.remote import BACKEND_ERRORS
 from .errors import GatewayError
 from .options import parse_rate_limit_policy
+from .revocation import open_revocations
 from .settings import Settings
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")

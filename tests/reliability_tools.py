@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import statistics
 import time
 import uuid
@@ -21,6 +22,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from edgeproxy.completion import assemble_stream
 from edgeproxy.logs.store import LogStore
 
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hello"}]}
@@ -387,3 +389,89 @@ def clickhouse_rows(url: str, database: str) -> tuple[int, int, set[str]]:
         return int(counts[0]), int(counts[1]), ids
     finally:
         client.close()
+
+
+# --- many tenants, a third of whom leave mid-flight ---------------------------------------------
+
+# What tenants ask: their own nonce, or a question every tenant asks verbatim (the cache's bait).
+QUESTION = re.compile(r"(?:tenant \d+|everyone) asks [0-9a-f]{32}")
+ABORTS = ("before_headers", "after_headers", "mid_stream")
+
+
+@dataclass(frozen=True)
+class TenantReply:
+    """One request of `tenant_traffic`: who asked what, and what came back.
+
+    `outcome` is "answered", "cancelled" (the request was cancelled before the response
+    headers) or "aborted" (the client left after the headers or mid-stream, unread).
+    """
+
+    tenant: int
+    question: str
+    request_id: str
+    stream: bool
+    abort: str
+    outcome: str
+    status: int = 0
+    raw: bytes = b""
+    cache: str = ""
+
+    def content(self) -> str:
+        document = assemble_stream(self.raw) if self.stream else orjson.loads(self.raw)
+        return document["choices"][0]["message"]["content"]
+
+    def answer_id(self) -> str:
+        """The completion id the mock gave the answer: the same id twice means one answer served twice."""
+        return self.raw.split(b'"id":"', 1)[1].split(b'"', 1)[0].decode()
+
+
+async def tenant_traffic(base_url: str, keys: list[str], requests: int, *, timeout: float) -> list[TenantReply]:
+    """`requests` cacheable chat calls, each from a random tenant (`keys[t]` is tenant t's key), 48 at a time.
+
+    Half stream; a third leave early (cancelled before the headers, or gone after the headers or
+    the first chunk). The mock answers after 0, 5 or 15 ms, in 6 chunks 2 ms apart when streamed.
+    """
+    own = {t: [f"tenant {t} asks {uuid.uuid4().hex}" for _ in range(3)] for t in range(len(keys))}
+    common = [f"everyone asks {uuid.uuid4().hex}" for _ in range(3)]
+    gate = asyncio.Semaphore(48)
+
+    async def fetch(session: aiohttp.ClientSession, body: dict, headers: dict[str, str], abort: str) -> tuple[int, bytes, str]:
+        async with session.post(base_url + "/chat/completions", json=body, headers=headers) as response:
+            if abort == "after_headers":
+                return 0, b"", ""  # leave without reading: the connection is closed, not reused
+            if abort == "mid_stream":
+                await response.content.readany()
+                return 0, b"", ""
+            return response.status, await response.read(), response.headers.get("Helicone-Cache", "")
+
+    async def one(session: aiohttp.ClientSession) -> TenantReply:
+        tenant = random.randrange(len(keys))
+        question = random.choice(own[tenant] + common)
+        stream = random.random() < 0.5
+        abort = random.choice(ABORTS) if random.random() < 1 / 3 else ""
+        request_id = str(uuid.uuid4())
+        body = {"model": "mock-model", "stream": stream, "messages": [{"role": "user", "content": question}]}
+        headers = {
+            "Helicone-Auth": f"Bearer {keys[tenant]}",
+            "Helicone-Request-Id": request_id,
+            "Helicone-Cache-Enabled": "true",
+            "X-Mock-Delay-Ms": str(random.choice((0, 5, 15))),
+            "X-Mock-Chunks": "6",
+            "X-Mock-Chunk-Gap-Ms": "2",
+        }
+        asked = {"tenant": tenant, "question": question, "request_id": request_id, "stream": stream, "abort": abort}
+        async with gate:
+            task = asyncio.create_task(fetch(session, body, headers, abort))
+            if abort == "before_headers":
+                asyncio.get_running_loop().call_later(random.uniform(0, 0.012), task.cancel)
+            try:
+                status, raw, cache = await task
+            except asyncio.CancelledError:
+                return TenantReply(**asked, outcome="cancelled")
+        if status == 0:
+            return TenantReply(**asked, outcome="aborted")
+        return TenantReply(**asked, outcome="answered", status=status, raw=raw, cache=cache)
+
+    connector = aiohttp.TCPConnector(limit=64)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as session:
+        return await asyncio.wait_for(asyncio.gather(*(one(session) for _ in range(requests))), timeout=timeout)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 
-import aiohttp
-import orjson
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -24,11 +22,11 @@ from edgeproxy.cache.entry import CachedResponse
 from edgeproxy.cache.key import CacheKey
 from edgeproxy.cache.remote import Detached, open_redis
 from edgeproxy.cache.store import open_store
-from edgeproxy.completion import assemble_stream
 from edgeproxy.settings import AuthSettings, CacheSettings
 
 from .conftest import GatewayFactory
 from .redis_server import SHARED_URL, scrub, unique_prefix
+from .reliability_tools import tenant_traffic
 
 SECRET = "t" * 40
 
@@ -128,71 +126,20 @@ async def test_many_tenants_with_random_aborts_only_ever_see_their_own_answers(
         f'[auth]\njwt_secret = "{SECRET}"\n'
     )
     issuer = KeyIssuer(AuthSettings(jwt_secret=SECRET))
-    tenants = [issuer.issue(KeyGrant(app=f"tenant-{i}"))[0] for i in range(10)]
-    # Each tenant's own questions (its nonce in the text), and questions every tenant asks verbatim.
-    own = {t: [f"tenant {t} asks {uuid.uuid4().hex}" for _ in range(3)] for t in range(len(tenants))}
-    common = [f"everyone asks {uuid.uuid4().hex}" for _ in range(3)]
-    answers_by_id: dict[str, set[int]] = defaultdict(set)
-    outcomes: dict[str, int] = defaultdict(int)
-    failures: list[str] = []
-    gate = asyncio.Semaphore(48)
-
-    async def one(session: aiohttp.ClientSession) -> None:
-        tenant = random.randrange(len(tenants))
-        question = random.choice(own[tenant] + common)
-        stream = random.random() < 0.5
-        abort = random.choice(("before_headers", "after_headers", "mid_stream")) if random.random() < 1 / 3 else ""
-        body = {"model": "mock-model", "stream": stream, "messages": [{"role": "user", "content": question}]}
-        headers = {
-            "Helicone-Auth": f"Bearer {tenants[tenant]}",
-            "Helicone-Cache-Enabled": "true",
-            "X-Mock-Delay-Ms": str(random.choice((0, 5, 15))),
-            "X-Mock-Chunks": "6",
-            "X-Mock-Chunk-Gap-Ms": "2",
-        }
-        async with gate:
-            request = asyncio.create_task(fetch(session, body, headers, abort))
-            if abort == "before_headers":
-                asyncio.get_running_loop().call_later(random.uniform(0, 0.012), request.cancel)
-            try:
-                status, raw = await request
-            except asyncio.CancelledError:
-                outcomes["cancelled"] += 1
-                return
-        if status == 0:
-            outcomes["aborted " + abort] += 1
-            return
-        if status != 200:
-            failures.append(f"status {status}: {raw[:200]!r}")
-            return
-        document = assemble_stream(raw) if stream else orjson.loads(raw)
-        content = document["choices"][0]["message"]["content"]
-        if question not in content:
-            failures.append(f"tenant {tenant} asked {question!r}, got {content!r}")
-        answer_id = raw.split(b'"id":"', 1)[1].split(b'"', 1)[0].decode()
-        answers_by_id[answer_id].add(tenant)
-        outcomes["completed"] += 1
-
-    async def fetch(
-        session: aiohttp.ClientSession, body: dict, headers: dict[str, str], abort: str
-    ) -> tuple[int, bytes]:
-        async with session.post(gateway.base_url + "/chat/completions", json=body, headers=headers) as response:
-            if abort == "after_headers":
-                return 0, b""  # leave without reading: the connection is closed, not reused
-            if abort == "mid_stream":
-                await response.content.readany()
-                return 0, b""
-            return response.status, await response.read()
-
-    connector = aiohttp.TCPConnector(limit=64)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as session:
-        await asyncio.wait_for(asyncio.gather(*(one(session) for _ in range(360))), timeout=40)
-
+    keys = [issuer.issue(KeyGrant(app=f"tenant-{i}"))[0] for i in range(10)]
+    replies = await tenant_traffic(gateway.base_url, keys, 360, timeout=40)
+    answered = [reply for reply in replies if reply.outcome == "answered"]
+    failures = [f"tenant {r.tenant} asked {r.question!r}, got {r.status} {r.raw[:200]!r}" for r in answered
+                if r.status != 200 or r.question not in r.content()]
     assert not failures, failures[:5]
+    answers_by_id: dict[str, set[int]] = defaultdict(set)
+    for reply in answered:
+        answers_by_id[reply.answer_id()].add(reply.tenant)
+    outcomes = Counter(reply.outcome + (" " + reply.abort if reply.outcome == "aborted" else "") for reply in replies)
     shared = {answer: seen for answer, seen in answers_by_id.items() if len(seen) > 1}
     assert not shared, f"answers seen by more than one tenant: {list(shared.items())[:5]}"
     store = gateway.app[CACHE].store
     assert store.stats.tenant_mismatches == 0 and store.stats.failures == 0
-    assert outcomes["completed"] > 150 and outcomes["cancelled"] + outcomes["aborted after_headers"] > 30
+    assert outcomes["answered"] > 150 and outcomes["cancelled"] + outcomes["aborted after_headers"] > 30, outcomes
     # Hits happened (each question is asked many times), and from every tenant's own namespace.
-    assert len(mock.requests) < outcomes["completed"]
+    assert len(mock.requests) < outcomes["answered"]

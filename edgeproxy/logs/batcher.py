@@ -4,21 +4,19 @@
 One loop flushes a batch when `batch_rows` rows are waiting or `flush_seconds` after the batch's
 first row, whichever comes first. A batch the store does not take goes to the on-disk spool at
 once, so the queue never stalls behind a dead ClickHouse; while the store is down (or its
-`prepare` step, the migrations, has not yet succeeded) batches go straight to the spool. A
-replay task sends spooled batches oldest first, with exponential backoff, and deletes each only
-after its insert succeeded; the first success marks the store back up. Delivery is at least
-once and counts stay exact: each batch keeps the insert deduplication token it was first sent
-with, and the table is a ReplacingMergeTree keyed on request_id. Until its parts merge, a row
-may exist twice: count with `FINAL` or `uniqExact(request_id)`, never a bare `count()`.
+`prepare` step, the migrations, has not yet succeeded) batches go straight to the spool, and
+`SpoolReplay` (replay.py) sends them to the store again. Delivery is at least once and counts
+stay exact: each batch keeps the insert deduplication token it was first sent with, and the
+table is a ReplacingMergeTree keyed on request_id. Until its parts merge, a row may exist
+twice: count with `FINAL` or `uniqExact(request_id)`, never a bare `count()`.
 
 Drop policy (every dropped row is counted in `stats.rows_dropped` and logged once per episode):
   - queue full: `submit` returns False when `queue_max_rows` rows are waiting (the store and the
     spool both fell behind), or once `close()` has finished;
   - spool full: a batch that would push the spool past `spool_max_bytes` (or that the disk
     refuses) is dropped whole.
-A batch the store keeps refusing for its content (not for being unreachable) for `reject_after`
-seconds, while the store answers pings, is moved to `spool/rejected/` and counted in
-`rows_rejected`; an operator can move it back to `spool/` to replay it.
+A batch the store keeps refusing for its content is moved to `spool/rejected/` and counted in
+`rows_rejected` (see replay.py); an operator can move it back to `spool/` to replay it.
 
 Crash window: rows are safe once inserted or once their spool file is fsynced. A kill -9 loses
 at most the rows still in memory: the queue plus the batch being written. A batch fills for at
@@ -43,13 +41,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
-
-from clickhouse_connect.driver.exceptions import OperationalError
 
 from ..settings import LogSettings
 from .record import LogRecord, Row
+from .replay import SpoolReplay, StoreHealth
 from .spool import Spool
 from .store import LogStore
 
@@ -57,8 +53,6 @@ log = logging.getLogger("edgeproxy.logs")
 
 T = TypeVar("T")
 
-# A refused batch is tried at least this often before it may be rejected.
-MIN_REFUSALS = 3
 # An insert gets at least this long before its batch is spooled: a short flush interval must
 # not spool every batch of an ordinary insert (tens of milliseconds for a few thousand rows).
 MIN_INSERT_PATIENCE = 1.0
@@ -112,16 +106,24 @@ class LogBatcher:
         self._on_flush = on_flush
         self.store = store
         self.spool = spool
-        # Run (and retried) by the replay task before any insert, e.g. the migrations: the
+        # Spool files are written and read on their own thread, never behind a hung insert.
+        self._disk = ThreadPoolExecutor(1, thread_name_prefix="edgeproxy-logs-spool")
+        self._health = StoreHealth(store, spool, prepared=prepare is None)
+        # `prepare` (the migrations) is run, and retried, by the replay before any insert: the
         # gateway starts while ClickHouse is down, and batches spool until the table exists.
-        self._prepare = prepare
-        self._prepared = prepare is None
+        self._replay = SpoolReplay(
+            store,
+            spool,
+            self._health,
+            self._disk_call,
+            prepare=prepare,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+            reject_after=reject_after,
+        )
         self._batch_rows = max(1, settings.batch_rows)
         self._flush_seconds = settings.flush_seconds
         self._max_rows = settings.queue_max_rows
-        self._retry_initial = retry_initial
-        self._retry_max = retry_max
-        self._reject_after = reject_after
         self._patience = (
             max(settings.flush_seconds, MIN_INSERT_PATIENCE) if insert_patience is None else insert_patience
         )
@@ -130,27 +132,18 @@ class LogBatcher:
         self._rows: deque[LogRecord] = deque()
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
-        self._spooled = asyncio.Event()
         self._accepting = True
         self._closing = False
         self._closed = False
-        self._down = False
-        # Spool files are written and read on their own thread, never behind a hung insert.
-        self._disk = ThreadPoolExecutor(1, thread_name_prefix="edgeproxy-logs-spool")
         self._flush_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self._inflight: tuple[str, list[Row]] | None = None
-        # (spool file, first refusal, refusals) for the batch the store keeps refusing.
-        self._refused: tuple[Path, float, int] | None = None
         self._warned_queue = False
         self._warned_spool = False
         self._written = 0
         self._spooled_rows = 0
-        self._replayed = 0
         self._dropped_queue = 0
         self._dropped_spool = 0
-        self._rejected = 0
-        self._failures = 0
         self._flush_last = 0.0
 
     @property
@@ -159,15 +152,15 @@ class LogBatcher:
             queue_depth=len(self._rows),
             rows_written=self._written,
             rows_spooled=self._spooled_rows,
-            rows_replayed=self._replayed,
+            rows_replayed=self._replay.replayed,
             rows_dropped=self._dropped_queue + self._dropped_spool,
             rows_dropped_queue_full=self._dropped_queue,
             rows_dropped_spool_full=self._dropped_spool,
-            rows_rejected=self._rejected,
+            rows_rejected=self._replay.rejected,
             spool_bytes=self.spool.used_bytes,
             flush_seconds_last=self._flush_last,
-            failures=self._failures,
-            store_up=self._prepared and not self._down,
+            failures=self._health.failures,
+            store_up=self._health.up,
         )
 
     def submit(self, record: LogRecord) -> bool:
@@ -190,7 +183,7 @@ class LogBatcher:
         """Start flushing, and replay any spool a previous run left behind."""
         await self._disk_call(self.spool.recover)
         self._flush_task = asyncio.create_task(self._flush_loop(), name="edgeproxy-logs-flush")
-        self._replay_task = asyncio.create_task(self._replay_loop(), name="edgeproxy-logs-replay")
+        self._replay_task = asyncio.create_task(self._replay.run(), name="edgeproxy-logs-replay")
 
     async def close(self, timeout: float = 10.0) -> None:
         """Drain the queue into the store (or the spool) and stop; spools what is left at `timeout`."""
@@ -228,7 +221,7 @@ class LogBatcher:
         while (remaining := deadline - loop.time()) > 0:
             try:
                 # Cancelled at the deadline: the spooled batch stays and keeps its token for the next start.
-                landed = await asyncio.wait_for(self._replay_step(), remaining)
+                landed = await asyncio.wait_for(self._replay.step(), remaining)
             except Exception:  # noqa: BLE001 - the deadline or a failing disk: the files wait for the next start
                 return
             if not landed:
@@ -257,7 +250,7 @@ class LogBatcher:
                 await self._write(self._take())
             except Exception:
                 # A bug, not the store (its failures are handled below): keep flushing the rest.
-                self._failures += 1
+                self._health.failures += 1
                 log.exception("request log flush failed")
 
     def _take(self) -> list[LogRecord]:
@@ -276,7 +269,7 @@ class LogBatcher:
         # Left set if this task is cancelled, so close() spools the batch rather than losing it.
         self._inflight = (token, rows)
         written = False
-        if self._prepared and not self._down and self._slow is None:
+        if self._health.up and self._slow is None:
             written = await self._insert_patiently(token, rows)
         if written:
             self._written += len(rows)
@@ -312,8 +305,7 @@ class LogBatcher:
         failure = insert.exception()
         if failure is None:
             return True
-        self._failures += 1
-        self._mark_down(failure)
+        self._health.failed(failure)
         return False
 
     def _slow_settled(self, insert: asyncio.Future[None]) -> None:
@@ -324,8 +316,7 @@ class LogBatcher:
             return
         failure = insert.exception()
         if failure is not None:
-            self._failures += 1
-            self._mark_down(failure)
+            self._health.failed(failure)
 
     async def _to_spool(self, token: str, rows: list[Row]) -> None:
         try:
@@ -336,7 +327,7 @@ class LogBatcher:
         if kept:
             self._spooled_rows += len(rows)
             self._warned_spool = False
-            self._spooled.set()
+            self._replay.wake()
             return
         self._dropped_spool += len(rows)
         if not self._warned_spool:
@@ -346,114 +337,6 @@ class LogBatcher:
                 self.spool.used_bytes,
                 self.spool.max_bytes,
             )
-
-    async def _replay_loop(self) -> None:
-        backoff = self._retry_initial
-        while True:
-            # Cleared before looking, so a batch spooled meanwhile still wakes the next wait.
-            self._spooled.clear()
-            try:
-                landed = await self._replay_step()
-            except Exception:
-                # A disk error or a bug: the files stay, so try again later rather than stop replaying.
-                self._failures += 1
-                log.exception("request log spool replay failed")
-                landed = False
-            if landed is None:
-                await self._spooled.wait()
-            elif landed:
-                backoff = self._retry_initial
-            else:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._retry_max)
-
-    async def _replay_step(self) -> bool | None:
-        """One pass: True when the store took something, False to back off, None when idle."""
-        if not self._prepared:
-            return await self._prepare_store()
-        segments = await self._disk_call(self.spool.segments)
-        if segments:
-            return await self._replay(segments)
-        if self._down:
-            # Nothing to replay (the spool dropped it): probe the store instead.
-            if not await self.store.ping():
-                return False
-            self._mark_up()
-            return True
-        return None
-
-    async def _prepare_store(self) -> bool:
-        assert self._prepare is not None
-        try:
-            await self._prepare()
-        except Exception as exc:  # noqa: BLE001 - retried with backoff; batches spool meanwhile
-            self._failures += 1
-            self._mark_down(exc)
-            return False
-        self._prepared = True
-        self._mark_up()
-        return True
-
-    async def _replay(self, segments: list[Path]) -> bool:
-        """Send spooled batches oldest first; False at the first the store does not take, or if none was free."""
-        handled = 0
-        for path in segments:
-            batch = await self._disk_call(self.spool.read, path)
-            if batch is None:
-                continue  # another worker's, or gone
-            handled += 1
-            try:
-                if batch.rows:
-                    await self.store.insert(batch.rows, batch.token)
-            except asyncio.CancelledError:
-                raise  # the file stays for the next run; spool.close() frees its lock
-            except Exception as exc:  # noqa: BLE001 - the file stays until the store takes it
-                self._failures += 1
-                if await self._should_reject(path, exc):
-                    await self._disk_call(self.spool.reject, batch)
-                    self._rejected += len(batch.rows)
-                    log.error("request log: store keeps refusing %s (%s); moved to rejected/", path.name, exc)
-                    continue
-                await self._disk_call(self.spool.release, batch)
-                self._mark_down(exc)
-                return False
-            self._refused = None
-            await self._disk_call(self.spool.delete, batch)
-            self._replayed += len(batch.rows)
-            self._mark_up()
-        return handled > 0
-
-    async def _should_reject(self, path: Path, exc: Exception) -> bool:
-        """True when the store answers yet refused this batch for `reject_after` seconds and a few tries."""
-        if isinstance(exc, OperationalError):
-            self._refused = None  # unreachable, not refusing
-            return False
-        now = time.monotonic()
-        if self._refused is None or self._refused[0] != path:
-            self._refused = (path, now, 0)
-        first, count = self._refused[1], self._refused[2] + 1
-        self._refused = (path, first, count)
-        if count < MIN_REFUSALS or now - first < self._reject_after:
-            return False
-        if not await self.store.ping():
-            return False
-        self._refused = None
-        return True
-
-    def _mark_down(self, exc: BaseException) -> None:
-        if not self._down:
-            self._down = True
-            log.warning(
-                "request log store %s is failing (%s); spooling batches to %s until it takes one again",
-                self.store.name,
-                exc,
-                self.spool.directory,
-            )
-
-    def _mark_up(self) -> None:
-        if self._down:
-            self._down = False
-            log.warning("request log store %s is back; writing directly again", self.store.name)
 
     async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
