@@ -34,8 +34,8 @@ def ask_for_usage(ex: Exchange) -> None:
 
 def sse_payloads(raw: bytes, containing: bytes = b"") -> Iterator[Any]:
     """Yield each JSON `data:` payload of an SSE byte string that holds `containing`; skip [DONE] and malformed ones."""
-    for line in raw.split(b"\n"):
-        if not line.startswith(b"data:") or containing not in line:
+    for line in _lines_with(raw, containing) if containing else raw.split(b"\n"):
+        if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
         if not data or data == b"[DONE]":
@@ -44,6 +44,19 @@ def sse_payloads(raw: bytes, containing: bytes = b"") -> Iterator[Any]:
             yield orjson.loads(data)
         except orjson.JSONDecodeError:
             continue
+
+
+def _lines_with(raw: bytes, needle: bytes) -> Iterator[bytes]:
+    """The lines of `raw` that hold `needle`, found by C-level searches: a stream's usage is in one
+    event of ~50, and walking every line in Python cost ~90 µs per stream on a slow core."""
+    at = raw.find(needle)
+    while at >= 0:
+        start = raw.rfind(b"\n", 0, at) + 1
+        end = raw.find(b"\n", at)
+        if end < 0:
+            end = len(raw)
+        yield raw[start:end]
+        at = raw.find(needle, end)
 
 
 def read_usage(ex: Exchange, response_body: bytes | None) -> Usage:
