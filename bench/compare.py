@@ -67,7 +67,7 @@ SOAK_CONTENDER = ContenderSpec("edgeproxy-1w-soak", "edgeproxy", logs="embedded"
 PROFILE_CONTENDER = ContenderSpec("edgeproxy-1w-profile", "edgeproxy")
 PROFILE_SCENARIOS = ("c64", "stream-c32")
 # The throughput ratios the targets judge, measured again in interleaved rounds: on this kind of
-# machine one 8 s pass of each contender swings ±10% with the neighbours' load, more than the
+# machine one 6 s pass of each contender swings ±10% with the neighbours' load, more than the
 # margins the targets leave. Rounds put the contenders side by side in time; the median of the
 # per-round ratios is what the targets read.
 PAIRED_CONTENDERS = ("nginx", "edgeproxy-1w", "edgeproxy-1w-embedded", "edgeproxy-1w-clickhouse")

@@ -89,7 +89,7 @@ def parse_options(headers: Mapping[str, str], default_id: str) -> RequestOptions
     # Most requests carry no gateway header at all: their options are the defaults. (Cache-Control
     # alone means nothing here; it is read only with Helicone-Cache-Enabled.)
     for key in headers:
-        if key[:9].lower() == GATEWAY_PREFIX:
+        if key[: len(GATEWAY_PREFIX)].lower() == GATEWAY_PREFIX:
             break
     else:
         return RequestOptions(request_id=default_id)
