@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from clickhouse_connect.driver.exceptions import OperationalError
 
@@ -29,7 +29,6 @@ from .store import LogStore
 
 log = logging.getLogger("edgeproxy.logs")
 
-T = TypeVar("T")
 DiskCall = Callable[..., Awaitable[Any]]
 
 # A refused batch is tried at least this often before it may be rejected.
