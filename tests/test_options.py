@@ -1,12 +1,15 @@
-"""parse_options: the shortcut for requests without gateway headers gives exactly what the full parse gives."""
+"""parse_options and the URLs it accepts: the shortcut without gateway headers, base URLs without query."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from multidict import CIMultiDict
 
 from edgeproxy.errors import GatewayError
 from edgeproxy.options import RequestOptions, parse_options
+from edgeproxy.settings import SettingsError, load_settings
 
 REQUEST_ID = "00000000-0000-4000-8000-000000000001"
 PLAIN = {"Host": "127.0.0.1", "Content-Type": "application/json", "Authorization": "Bearer sk-x",
@@ -31,3 +34,19 @@ def test_a_lone_bad_gateway_header_is_still_refused() -> None:
     with pytest.raises(GatewayError) as caught:
         parse_options(CIMultiDict({**PLAIN, "helicone-retry-num": "many"}), REQUEST_ID)
     assert (caught.value.status, caught.value.param) == (400, "Helicone-Retry-Num")
+
+
+@pytest.mark.parametrize("url", ["http://allowed.example/?x=1", "http://allowed.example/v1?", "http://allowed.example/#top"])
+def test_a_target_url_with_a_query_or_fragment_is_refused(url: str) -> None:
+    # The request's path is appended to the base: `/?x=1` + `/v1/…` would send it to `/` instead.
+    with pytest.raises(GatewayError) as caught:
+        parse_options(CIMultiDict({"Helicone-Target-URL": url}), REQUEST_ID)
+    assert (caught.value.status, caught.value.param) == (400, "Helicone-Target-URL")
+
+
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:9/v1?api=1", "http://127.0.0.1:9/#x"])
+def test_a_configured_base_url_with_a_query_or_fragment_is_refused(tmp_path: Path, base_url: str) -> None:
+    config = tmp_path / "edgeproxy.toml"
+    config.write_text(f'[targets.local]\nbase_url = "{base_url}"\n')
+    with pytest.raises(SettingsError, match="targets.local.base_url"):
+        load_settings(config, env={})
