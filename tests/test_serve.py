@@ -117,12 +117,13 @@ async def test_workers_exit_when_the_master_is_killed(mock: MockUpstream, tmp_pa
 
 def test_tune_collector_freezes_startup_objects_and_collects_the_young_generation_less_often() -> None:
     before = gc.get_threshold()
+    gc.unfreeze()  # conftest froze the test session's heap; start from nothing frozen
     try:
-        gc.unfreeze()
+        assert gc.get_freeze_count() == 0
         tune_collector()
         assert gc.get_freeze_count() > 0
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
         assert GC_YOUNG_THRESHOLD > before[0]
     finally:
-        gc.unfreeze()
         gc.set_threshold(*before)
+        gc.freeze()
