@@ -250,7 +250,7 @@ class LogBatcher:
                 await self._write(self._take())
             except Exception:
                 # A bug, not the store (its failures are handled below): keep flushing the rest.
-                self._health.failures += 1
+                self._health.count_failure()
                 log.exception("request log flush failed")
 
     def _take(self) -> list[LogRecord]:

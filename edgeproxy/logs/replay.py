@@ -49,9 +49,13 @@ class StoreHealth:
     def up(self) -> bool:
         return self.prepared and not self.down
 
+    def count_failure(self) -> None:
+        """Something in the log pipeline failed without saying the store is down (a bug, a disk, a refusal)."""
+        self.failures += 1
+
     def failed(self, exc: BaseException) -> None:
         """The store failed an operation: count it and mark the store down."""
-        self.failures += 1
+        self.count_failure()
         if not self.down:
             self.down = True
             log.warning(
@@ -110,7 +114,7 @@ class SpoolReplay:
                 landed = await self.step()
             except Exception:
                 # A disk error or a bug: the files stay, so try again later rather than stop replaying.
-                self._health.failures += 1
+                self._health.count_failure()
                 log.exception("request log spool replay failed")
                 landed = False
             if landed is None:
@@ -162,7 +166,7 @@ class SpoolReplay:
                 raise  # the file stays for the next run; spool.close() frees its lock
             except Exception as exc:  # noqa: BLE001 - the file stays until the store takes it
                 if await self._should_reject(path, exc):
-                    self._health.failures += 1
+                    self._health.count_failure()
                     await self._disk_call(self._spool.reject, batch)
                     self.rejected += len(batch.rows)
                     log.error("request log: store keeps refusing %s (%s); moved to rejected/", path.name, exc)
