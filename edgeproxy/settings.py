@@ -79,7 +79,10 @@ class LogSettings:
     password: str = ""
     database: str = "edgeproxy"
     table: str = "requests"
-    batch_rows: int = 1000
+    # ClickHouse pays a fixed cost per insert (a new part: ~8 ms of CPU embedded, ~15 ms in a
+    # chDB-backed server here), so at 1000-row batches that cost outweighed the rows themselves;
+    # at full load this flushes about once a second, as ClickHouse advises.
+    batch_rows: int = 10_000
     flush_seconds: float = 1.0
     queue_max_rows: int = 100_000
     spool_max_bytes: int = 1024 * 1024 * 1024
