@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench import log_insert
 from bench.compare import (
     DEFAULT_ROUNDS,
     Check,
@@ -265,3 +266,14 @@ def test_profile_summary_attributes_samples_to_areas() -> None:
     text = profile_summary("c64", raw, _measured("edgeproxy-1w", "c64", 1000, 1, 2))
     assert "| edgeproxy | 60.0% |" in text and "| aiohttp server/http | 30.0% |" in text
     assert "| `handle (edgeproxy/pipeline.py)` | 60.0% |" in text
+
+
+@pytest.mark.parametrize("store", ["embedded", "http"])
+async def test_log_insert_bench_measures_both_sides_per_batch_size(store: str, tmp_path: Path) -> None:
+    costs = await log_insert.measure(store, [20, 100], total_rows=200, scratch=tmp_path)
+    assert [cost.batch_rows for cost in costs] == [20, 100]
+    assert all(cost.writer_us_per_row > 0 and cost.ms_per_insert > 0 for cost in costs)
+    # Only the double runs in a process of its own.
+    assert all((cost.server_us_per_row is not None) == (store == "http") for cost in costs)
+    table = log_insert.render(costs)
+    assert table.count(f"| {store} |") == 2

@@ -1,0 +1,120 @@
+"""CPU per logged row by batch size: the gateway's writer and the store, embedded chDB or the ClickHouse double.
+
+    python -m bench.log_insert                      # both stores, batches of 1000 and 10 000
+    python -m bench.log_insert --store http --batches 250,1000,4000
+
+An insert costs a fixed amount (a new part) plus a little per row; this measures both sides of
+the `logs.batch_rows` choice without the rest of the gateway. Each size inserts the same total
+number of rows, each batch under its own deduplication token, as the batcher sends them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeproxy.logs.migrate import migrate
+from edgeproxy.logs.record import LogRecord, Row
+from edgeproxy.logs.store import open_log_store
+from edgeproxy.settings import LogSettings
+
+from .contenders import Process, cpu_seconds, start_clickhouse
+
+
+@dataclass(frozen=True)
+class InsertCost:
+    store: str
+    batch_rows: int
+    writer_us_per_row: float  # this process: the gateway's side (clickhouse-connect, and chDB when embedded)
+    server_us_per_row: float | None  # the double's process; None when embedded
+    ms_per_insert: float
+
+
+def sample_row() -> Row:
+    """A row shaped like the bench's chat completion: short bodies, a few parameters."""
+    return LogRecord(
+        request_id=str(uuid.uuid4()), started_at=time.time(), latency_ms=1.2, ttfb_ms=1.0,
+        upstream_ms=0.8, gateway_ms=0.3, status=200, method="POST", path="/v1/chat/completions",
+        target="openai", model="gpt-4o-mini", user_id="user-17", app_id="bench",
+        properties={"team": "a"}, params={"temperature": 0.2, "max_tokens": 16},
+        request_body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]}',
+        response_body='{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":'
+        '{"role":"assistant","content":"Hi! Fine, thanks."},"finish_reason":"stop"}],'
+        '"usage":{"prompt_tokens":9,"completion_tokens":7,"total_tokens":16}}',
+        prompt_tokens=9, completion_tokens=7, total_tokens=16, cost_usd=0.00001, cache="MISS",
+        attempts=1, answered_by="openai",
+    ).to_row()
+
+
+async def measure(store_kind: str, batches: list[int], total_rows: int, scratch: Path) -> list[InsertCost]:
+    server: Process | None = None
+    if store_kind == "http":
+        server, url = start_clickhouse(scratch)
+        settings = LogSettings(clickhouse_url=url)
+    else:
+        settings = LogSettings()
+    store = open_log_store(settings, scratch)
+    costs = []
+    try:
+        await migrate(store)
+        for size in batches:
+            rows = [sample_row() for _ in range(size)]
+            await store.insert(rows)  # the first insert of a size pays for warm-up
+            count = max(1, total_rows // size)
+            mine, theirs, start = time.process_time(), _cpu(server), time.perf_counter()
+            for _ in range(count):
+                await store.insert(rows, uuid.uuid4().hex)
+            elapsed = time.perf_counter() - start
+            inserted = count * size
+            server_cpu = _cpu(server) - theirs if server is not None else None
+            costs.append(InsertCost(
+                store=store_kind, batch_rows=size,
+                writer_us_per_row=1e6 * (time.process_time() - mine) / inserted,
+                server_us_per_row=1e6 * server_cpu / inserted if server_cpu is not None else None,
+                ms_per_insert=1e3 * elapsed / count,
+            ))
+    finally:
+        await store.close()
+        if server is not None:
+            server.stop()
+    return costs
+
+
+def _cpu(server: Process | None) -> float:
+    return cpu_seconds(server.pid) if server is not None else 0.0
+
+
+def render(costs: list[InsertCost]) -> str:
+    lines = [
+        "| store | batch rows | writer µs/row | server µs/row | ms per insert |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for cost in costs:
+        server = f"{cost.server_us_per_row:.1f}" if cost.server_us_per_row is not None else "-"
+        lines.append(f"| {cost.store} | {cost.batch_rows} | {cost.writer_us_per_row:.1f} | {server} | {cost.ms_per_insert:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", choices=("embedded", "http", "both"), default="both")
+    parser.add_argument("--batches", default="1000,10000", help="comma-separated batch sizes")
+    parser.add_argument("--rows", type=int, default=40_000, help="rows inserted per batch size")
+    args = parser.parse_args()
+    batches = [int(size) for size in args.batches.split(",")]
+    kinds = ("embedded", "http") if args.store == "both" else (args.store,)
+    costs = []
+    for kind in kinds:
+        # chDB opens one folder per process, so each store gets a fresh folder and its own run.
+        with tempfile.TemporaryDirectory(prefix="edgeproxy-log-insert-") as scratch:
+            costs += asyncio.run(measure(kind, batches, args.rows, Path(scratch)))
+    print(render(costs))
+
+
+if __name__ == "__main__":
+    main()
