@@ -27,6 +27,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from .metric_labels import (
+    CACHE_LABELS,
+    ENDPOINTS,
+    OTHER,
+    OUTCOMES,
+    SPARE_VALUES,
+    LabelSet,
+    ModelLabels,
+    status_class,
+)
 from .pricing import PriceTable
 from .settings import Settings
 
@@ -34,44 +44,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 GaugeMode = Literal["livesum", "livemax"]
 # Fine enough at the low end to see a 1 ms gateway overhead; long enough for slow completions.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-OTHER = "other"
-NO_MODEL = "none"
-ENDPOINTS = frozenset(
-    (
-        "chat",
-        "completions",
-        "embeddings",
-        "responses",
-        "messages",
-        "models",
-        "audio",
-        "images",
-        "files",
-        OTHER,
-    )
-)
-OUTCOMES = frozenset(
-    {
-        "ok",
-        "cancelled",
-        "upstream_error",
-        "unauthorized",
-        "forbidden",
-        "rejected",
-        "rate_limited",
-        "blocked",
-        "budget_exceeded",
-        "timeout",
-        "gateway_error",
-    }
-)
-_CACHE_LABELS = {"hit": "hit", "HIT": "hit", "miss": "miss", "MISS": "miss"}  # anything else is off
 CIRCUIT_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
-_STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-# Free-form labels set by code (reasons, kinds, components) admit this many values, then fold.
-_SPARE_VALUES = 32
-# Memo sizes: past them the memo is cleared, so hostile model names cannot grow memory.
-_MODEL_MEMO_MAX = 4096
+# Past this size the memo of label children is cleared, as the model-label memo is.
 _CHILDREN_MAX = 4096
 
 
@@ -93,73 +67,6 @@ class LogStats(Protocol):
 _LOG_COUNTERS = ("written", "spooled", "dropped", "replayed")
 
 
-def endpoint_of(path: str) -> str:
-    """The API resource a path names (`/openai/v1/chat/completions` → `chat`), from a fixed set."""
-    parts = [part for part in path.split("/") if part]
-    rest = parts
-    for i, part in enumerate(parts):
-        if part == "v1":
-            rest = parts[i + 1 :]
-            break
-        if part == "deployments":  # Azure: /openai/deployments/<name>/chat/completions
-            rest = parts[i + 2 :]
-            break
-    if not rest:
-        return OTHER
-    head = rest[0]
-    if head == "chat":
-        return "chat" if rest[1:2] == ["completions"] else OTHER
-    return head if head in ENDPOINTS else OTHER
-
-
-def status_class(status: int) -> str:
-    """`2xx` for 200…299 and so on; anything outside 100…599 is `other`."""
-    return _STATUS_CLASSES[status // 100 - 1] if 100 <= status < 600 else OTHER
-
-
-class _LabelSet:
-    """Admits the known values and the first `spare` new ones; everything after is `other`."""
-
-    def __init__(self, known: Iterable[str] = (), spare: int = _SPARE_VALUES) -> None:
-        self._seen = set(known)
-        self._spare = spare
-
-    def __call__(self, value: str) -> str:
-        if value in self._seen:
-            return value
-        if self._spare > 0:
-            self._spare -= 1
-            self._seen.add(value)
-            return value
-        return OTHER
-
-
-class _ModelLabels:
-    """A model name → a configured name, its price-table key, or `other`."""
-
-    def __init__(self, prices: PriceTable | None, configured: Iterable[str]) -> None:
-        self._prices = prices
-        self._configured = frozenset(configured)
-        self._memo: dict[str, str] = {}
-
-    def __call__(self, model: str) -> str:
-        label = self._memo.get(model)
-        if label is None:
-            label = self._resolve(model)
-            if len(self._memo) >= _MODEL_MEMO_MAX:
-                self._memo.clear()
-            self._memo[model] = label
-        return label
-
-    def _resolve(self, model: str) -> str:
-        if not model:
-            return NO_MODEL
-        if model in self._configured:
-            return model
-        key = self._prices.price_key(model) if self._prices is not None else None
-        return key if key is not None else OTHER
-
-
 class Metrics:
     """Every edgeproxy metric, registered on `registry`; methods take plain values and bound labels."""
 
@@ -178,9 +85,9 @@ class Metrics:
                 f"{MULTIPROC_ENV} was set after prometheus_client was imported; "
                 "set it before the first import so every worker writes its values to that directory"
             )
-        self._model_label = _ModelLabels(prices, models)
-        self._target_label = _LabelSet(targets or (), spare=8 if targets is not None else _SPARE_VALUES)
-        self._free_labels: dict[str, _LabelSet] = {}
+        self._model_label = ModelLabels(prices, models)
+        self._target_label = LabelSet(targets or (), spare=8 if targets is not None else SPARE_VALUES)
+        self._free_labels: dict[str, LabelSet] = {}
         self._request_children: dict[tuple[str, ...], _RequestChildren] = {}
         self._log_source: Callable[[], LogStats] | None = None
         self._log_seen = dict.fromkeys(_LOG_COUNTERS, 0)
@@ -254,7 +161,7 @@ class Metrics:
         cost_saved_usd: float | None = None,
     ) -> None:
         """Count one finished request; `cache` is hit or miss (either case), anything else is `off`."""
-        cache = _CACHE_LABELS.get(cache, "off")
+        cache = CACHE_LABELS.get(cache, "off")
         key = (
             self._target_label(target),
             self._model_label(model),
@@ -350,7 +257,7 @@ class Metrics:
     def _free(self, name: str, value: str) -> str:
         labels = self._free_labels.get(name)
         if labels is None:
-            labels = self._free_labels[name] = _LabelSet()
+            labels = self._free_labels[name] = LabelSet()
         return labels(value)
 
     # --- log pipeline -------------------------------------------------------------------------

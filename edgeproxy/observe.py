@@ -14,7 +14,8 @@ from .completion import assemble_stream
 from .errors import GatewayError
 from .exchange import Exchange
 from .logs.record import LogRecord, cap_body
-from .metrics import Metrics, endpoint_of
+from .metric_labels import endpoint_of
+from .metrics import Metrics
 from .pipeline import Handler
 from .pricing import PriceTable
 
