@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .keys_cli import add_keys_command
-from .settings import DEFAULT_UPSTREAM, Settings, SettingsError, load_settings
+from .settings import DEFAULT_UPSTREAM, Settings, SettingsError
+from .settings_loader import load_settings
 from .usage_cli import add_usage_commands
 
 log = logging.getLogger("edgeproxy")

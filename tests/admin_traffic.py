@@ -21,7 +21,8 @@ from aiohttp import web
 
 from edgeproxy.app import create_app
 from edgeproxy.auth import KeyGrant, KeyIssuer
-from edgeproxy.settings import AuthSettings, load_settings
+from edgeproxy.settings import AuthSettings
+from edgeproxy.settings_loader import load_settings
 from tests.conftest import RunningGateway, wait_until
 
 SECRET = "observability-tests-secret-" + "x" * 32

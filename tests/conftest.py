@@ -17,7 +17,8 @@ from aiohttp import web
 
 from bench.mock_upstream import MockUpstream
 from edgeproxy.app import create_app
-from edgeproxy.settings import Settings, load_settings
+from edgeproxy.settings import Settings
+from edgeproxy.settings_loader import load_settings
 from tests.clickhouse_server import ClickHouseServer
 from tests.clickhouse_server import clickhouse_url as real_clickhouse_url
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from bench.mock_upstream import MockUpstream
 from edgeproxy.admin.api import add_admin_routes, client_allowed
 from edgeproxy.errors import GatewayError
-from edgeproxy.settings import load_settings
+from edgeproxy.settings_loader import load_settings
 from tests.admin_traffic import (
     ADMIN_KEY,
     TEMPERATURE,

@@ -33,7 +33,8 @@ import yaml
 from edgeproxy.cli import build_parser
 from edgeproxy.logs.migrate import cluster_ddl
 from edgeproxy.logs.store import open_log_store
-from edgeproxy.settings import SHORTCUTS, Settings, load_settings
+from edgeproxy.settings import Settings
+from edgeproxy.settings_loader import SHORTCUTS, load_settings
 from tests.conftest import GatewayFactory, wait_until
 from tests.redis_server import free_port
 

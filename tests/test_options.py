@@ -9,7 +9,8 @@ from multidict import CIMultiDict
 
 from edgeproxy.errors import GatewayError
 from edgeproxy.options import RequestOptions, parse_options
-from edgeproxy.settings import SettingsError, load_settings
+from edgeproxy.settings import SettingsError
+from edgeproxy.settings_loader import load_settings
 
 REQUEST_ID = "00000000-0000-4000-8000-000000000001"
 PLAIN = {"Host": "127.0.0.1", "Content-Type": "application/json", "Authorization": "Bearer sk-x",

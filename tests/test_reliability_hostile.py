@@ -33,7 +33,7 @@ from yarl import URL
 from edgeproxy.app import LOG_BATCHER, LOG_STORE
 from edgeproxy.errors import GatewayError
 from edgeproxy.options import parse_options
-from edgeproxy.settings import load_settings
+from edgeproxy.settings_loader import load_settings
 from edgeproxy.targets import resolve_route, upstream_url
 
 from .conftest import GatewayFactory, RunningGateway, wait_until
