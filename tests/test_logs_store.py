@@ -101,6 +101,29 @@ async def test_migrate_is_idempotent(store: LogStore) -> None:
     assert [c["name"] for c in columns] == list(COLUMNS)
 
 
+async def test_table_merges_column_by_column_new_or_upgraded(store: LogStore) -> None:
+    # A horizontal merge of the wide table held ~200 MB at once inside the embedded gateway.
+    async def engine_full() -> str:
+        rows = await store.query(
+            "SELECT engine_full FROM system.tables WHERE database = {d:String} AND name = {t:String}",
+            {"d": store.database, "t": store.table},
+        )
+        return rows[0]["engine_full"]
+
+    await migrate(store, ttl_days=0)
+    assert "vertical_merge_algorithm_min_rows_to_activate = 1" in await engine_full()
+    assert "vertical_merge_algorithm_min_columns_to_activate = 1" in await engine_full()
+    # A table created before the setting existed is brought up to date, once.
+    await store.command(
+        f"ALTER TABLE {store.qualified} RESET SETTING "
+        "vertical_merge_algorithm_min_rows_to_activate, vertical_merge_algorithm_min_columns_to_activate"
+    )
+    assert "vertical_merge" not in await engine_full()
+    assert await migrate(store) == ["vertical merges"]
+    assert "vertical_merge_algorithm_min_columns_to_activate = 1" in await engine_full()
+    assert await migrate(store) == []
+
+
 def test_migrate_command_on_the_embedded_default(tmp_path: Path) -> None:
     settings = Settings(server=ServerSettings(data_dir=str(tmp_path)))
     assert migrate_sync(settings) == ["0001_requests"]
