@@ -2,6 +2,7 @@
 
     python -m bench.log_insert                      # both stores, batches of 1000 and 10 000
     python -m bench.log_insert --store http --batches 250,1000,4000
+    python -m bench.log_insert --memory 1200   # RSS of this process over 1200 embedded inserts of 3000 rows
 
 An insert costs a fixed amount (a new part) plus a little per row; this measures both sides of
 the `logs.batch_rows` choice without the rest of the gateway. Each size inserts the same total
@@ -85,6 +86,42 @@ async def measure(store_kind: str, batches: list[int], total_rows: int, scratch:
     return costs
 
 
+async def memory_trace(store_kind: str, inserts: int, scratch: Path, batch_rows: int = 3000,
+                       every: int = 100) -> list[tuple[int, int, int]]:
+    """(rows stored, RSS MB, anonymous RSS MB) of this process every `every` inserts of fresh rows.
+
+    Embedded, this process holds the chDB engine, so this is the engine's memory as its data grows;
+    over HTTP it is the writer's alone.
+    """
+    server: Process | None = None
+    if store_kind == "http":
+        server, url = start_clickhouse(scratch)
+        settings = LogSettings(clickhouse_url=url)
+    else:
+        settings = LogSettings()
+    store = open_log_store(settings, scratch)
+    trace = []
+    try:
+        await migrate(store)
+        template = sample_row()
+        for done in range(1, inserts + 1):
+            # Fresh ids: the replacing merge would collapse repeated ones and hide the growth.
+            rows = [(str(uuid.uuid4()), *template[1:]) for _ in range(batch_rows)]
+            await store.insert(rows, uuid.uuid4().hex)
+            if done % every == 0:
+                trace.append((done * batch_rows, *_rss_mb()))
+    finally:
+        await store.close()
+        if server is not None:
+            server.stop()
+    return trace
+
+
+def _rss_mb() -> tuple[int, int]:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmRSS"].split()[0]) // 1024, int(status["RssAnon"].split()[0]) // 1024
+
+
 def _cpu(server: Process | None) -> float:
     return cpu_seconds(server.pid) if server is not None else 0.0
 
@@ -105,7 +142,14 @@ def main() -> None:
     parser.add_argument("--store", choices=("embedded", "http", "both"), default="both")
     parser.add_argument("--batches", default="1000,10000", help="comma-separated batch sizes")
     parser.add_argument("--rows", type=int, default=40_000, help="rows inserted per batch size")
+    parser.add_argument("--memory", type=int, metavar="INSERTS", help="trace RSS over this many 3000-row inserts instead")
     args = parser.parse_args()
+    if args.memory:
+        kind = "http" if args.store == "http" else "embedded"
+        with tempfile.TemporaryDirectory(prefix="edgeproxy-log-memory-") as scratch:
+            for rows, rss, anon in asyncio.run(memory_trace(kind, args.memory, Path(scratch))):
+                print(f"{kind} {rows:>9} rows stored: RSS {rss} MB, anonymous {anon} MB")
+        return
     batches = [int(size) for size in args.batches.split(",")]
     kinds = ("embedded", "http") if args.store == "both" else (args.store,)
     costs = []

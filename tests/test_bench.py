@@ -281,3 +281,9 @@ async def test_log_insert_bench_measures_both_sides_per_batch_size(store: str, t
     assert all((cost.server_us_per_row is not None) == (store == "http") for cost in costs)
     table = log_insert.render(costs)
     assert table.count(f"| {store} |") == 2
+
+
+async def test_log_memory_trace_reports_rows_and_resident_memory(tmp_path: Path) -> None:
+    trace = await log_insert.memory_trace("http", 4, tmp_path, batch_rows=50, every=2)
+    assert [rows for rows, _, _ in trace] == [100, 200]
+    assert all(rss >= anon > 0 for _, rss, anon in trace)
