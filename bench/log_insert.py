@@ -16,12 +16,14 @@ import asyncio
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeproxy.logs.migrate import migrate
 from edgeproxy.logs.record import LogRecord, Row
-from edgeproxy.logs.store import open_log_store
+from edgeproxy.logs.store import LogStore, open_log_store
 from edgeproxy.settings import LogSettings
 
 from .contenders import Process, cpu_seconds, start_clickhouse
@@ -52,7 +54,9 @@ def sample_row() -> Row:
     ).to_row()
 
 
-async def measure(store_kind: str, batches: list[int], total_rows: int, scratch: Path) -> list[InsertCost]:
+@asynccontextmanager
+async def _migrated_store(store_kind: str, scratch: Path) -> AsyncIterator[tuple[LogStore, Process | None]]:
+    """An empty request table: embedded in this process, or in the ClickHouse double ("http"), and the double."""
     server: Process | None = None
     if store_kind == "http":
         server, url = start_clickhouse(scratch)
@@ -60,9 +64,18 @@ async def measure(store_kind: str, batches: list[int], total_rows: int, scratch:
     else:
         settings = LogSettings()
     store = open_log_store(settings, scratch)
-    costs = []
     try:
         await migrate(store)
+        yield store, server
+    finally:
+        await store.close()
+        if server is not None:
+            server.stop()
+
+
+async def measure(store_kind: str, batches: list[int], total_rows: int, scratch: Path) -> list[InsertCost]:
+    costs = []
+    async with _migrated_store(store_kind, scratch) as (store, server):
         for size in batches:
             rows = [sample_row() for _ in range(size)]
             await store.insert(rows)  # the first insert of a size pays for warm-up
@@ -79,10 +92,6 @@ async def measure(store_kind: str, batches: list[int], total_rows: int, scratch:
                 server_us_per_row=1e6 * server_cpu / inserted if server_cpu is not None else None,
                 ms_per_insert=1e3 * elapsed / count,
             ))
-    finally:
-        await store.close()
-        if server is not None:
-            server.stop()
     return costs
 
 
@@ -93,16 +102,8 @@ async def memory_trace(store_kind: str, inserts: int, scratch: Path, batch_rows:
     Embedded, this process holds the chDB engine, so this is the engine's memory as its data grows;
     over HTTP it is the writer's alone.
     """
-    server: Process | None = None
-    if store_kind == "http":
-        server, url = start_clickhouse(scratch)
-        settings = LogSettings(clickhouse_url=url)
-    else:
-        settings = LogSettings()
-    store = open_log_store(settings, scratch)
     trace = []
-    try:
-        await migrate(store)
+    async with _migrated_store(store_kind, scratch) as (store, _):
         template = sample_row()
         for done in range(1, inserts + 1):
             # Fresh ids: the replacing merge would collapse repeated ones and hide the growth.
@@ -110,10 +111,6 @@ async def memory_trace(store_kind: str, inserts: int, scratch: Path, batch_rows:
             await store.insert(rows, uuid.uuid4().hex)
             if done % every == 0:
                 trace.append((done * batch_rows, *_rss_mb()))
-    finally:
-        await store.close()
-        if server is not None:
-            server.stop()
     return trace
 
 
