@@ -125,7 +125,7 @@ async def _sync_table(store: LogStore, ttl_days: int | None) -> list[str]:
     engine_full = rows[0]["engine_full"]
     changed = []
     # Tables created before the setting existed get it here; a fresh one has it from CREATE.
-    if "vertical_merge_algorithm_min_rows_to_activate = 1" not in engine_full:
+    if any(setting not in engine_full for setting in VERTICAL_MERGES.split(", ")):
         await store.command(f"ALTER TABLE {store.qualified} MODIFY SETTING {VERTICAL_MERGES}")
         changed.append("vertical merges")
     if ttl_days is None:
