@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.exceptions import OperationalError
 
-from edgeproxy.logs.migrate import cluster_ddl, migrate, migrate_sync
+from edgeproxy.logs.migrate import PROMPT_CLEANUP, VERTICAL_MERGES, cluster_ddl, migrate, migrate_sync
 from edgeproxy.logs.record import COLUMNS, LogRecord
 from edgeproxy.logs.store import LogStore, open_log_store
 from edgeproxy.settings import LogSettings, ServerSettings, Settings
@@ -101,27 +101,56 @@ async def test_migrate_is_idempotent(store: LogStore) -> None:
     assert [c["name"] for c in columns] == list(COLUMNS)
 
 
-async def test_table_merges_column_by_column_new_or_upgraded(store: LogStore) -> None:
-    # A horizontal merge of the wide table held ~200 MB at once inside the embedded gateway.
-    async def engine_full() -> str:
-        rows = await store.query(
-            "SELECT engine_full FROM system.tables WHERE database = {d:String} AND name = {t:String}",
-            {"d": store.database, "t": store.table},
-        )
-        return rows[0]["engine_full"]
-
-    await migrate(store, ttl_days=0)
-    assert "vertical_merge_algorithm_min_rows_to_activate = 1" in await engine_full()
-    assert "vertical_merge_algorithm_min_columns_to_activate = 1" in await engine_full()
-    # A table created before the setting existed is brought up to date, once.
-    await store.command(
-        f"ALTER TABLE {store.qualified} RESET SETTING "
-        "vertical_merge_algorithm_min_rows_to_activate, vertical_merge_algorithm_min_columns_to_activate"
+async def _engine_full(store: LogStore) -> str:
+    rows = await store.query(
+        "SELECT engine_full FROM system.tables WHERE database = {d:String} AND name = {t:String}",
+        {"d": store.database, "t": store.table},
     )
-    assert "vertical_merge" not in await engine_full()
-    assert await migrate(store) == ["vertical merges"]
-    assert "vertical_merge_algorithm_min_columns_to_activate = 1" in await engine_full()
+    return str(rows[0]["engine_full"])
+
+
+@pytest.mark.parametrize(
+    ("label", "settings"),
+    [
+        # A horizontal merge of the wide table held ~200 MB at once inside the embedded gateway.
+        ("vertical merges", VERTICAL_MERGES),
+        # Merged-away parts held memory for up to 5 minutes under ClickHouse's cleanup backoff.
+        ("prompt cleanup", PROMPT_CLEANUP),
+    ],
+)
+async def test_table_settings_new_or_upgraded(store: LogStore, label: str, settings: str) -> None:
+    names = [setting.split(" = ")[0] for setting in settings.split(", ")]
+    await migrate(store, ttl_days=0)
+    for setting in settings.split(", "):
+        assert setting in await _engine_full(store)
+    # A table created before the settings existed is brought up to date, once.
+    await store.command(f"ALTER TABLE {store.qualified} RESET SETTING {', '.join(names)}")
+    engine_full = await _engine_full(store)
+    assert not any(name in engine_full for name in names)
+    assert await migrate(store) == [label]
+    for setting in settings.split(", "):
+        assert setting in await _engine_full(store)
     assert await migrate(store) == []
+
+
+async def test_merged_away_parts_are_deleted_within_seconds(store: LogStore) -> None:
+    await migrate(store)
+    for _ in range(3):
+        await store.insert([full_record(request_id=str(uuid.uuid4())).to_row()], uuid.uuid4().hex)
+    # A server first keeps outdated parts for old_parts_lifetime (chDB: 0); this measures the cadence alone.
+    await store.command(f"ALTER TABLE {store.qualified} MODIFY SETTING old_parts_lifetime = 0")
+    await store.command(f"OPTIMIZE TABLE {store.qualified} FINAL")
+    parts = (
+        "SELECT countIf(active) AS live, countIf(NOT active) AS outdated FROM system.parts "
+        "WHERE database = {d:String} AND table = {t:String}"
+    )
+    binds = {"d": store.database, "t": store.table}
+    assert (await store.query(parts, binds))[0]["outdated"] >= 3
+    deadline = time.monotonic() + 15  # the cleanup runs every 5 s; ClickHouse's default waits 30-40 s at first
+    while (await store.query(parts, binds))[0]["outdated"] > 0:
+        assert time.monotonic() < deadline, "outdated parts were not deleted within 15 s"
+        await asyncio.sleep(0.25)
+    assert (await store.query(parts, binds))[0]["live"] == 1
 
 
 def test_migrate_command_on_the_embedded_default(tmp_path: Path) -> None:
