@@ -81,7 +81,7 @@ PROFILE_SCENARIOS = ("c64", "stream-c32")
 # per-round ratios is what the targets read.
 PAIRED_CONTENDERS = ("nginx", "edgeproxy-1w", "edgeproxy-1w-embedded", "edgeproxy-1w-clickhouse")
 PAIRED_SECONDS = 3.0
-DEFAULT_ROUNDS = 5
+DEFAULT_ROUNDS = 7
 
 
 @dataclass(frozen=True)
