@@ -84,18 +84,22 @@ class RequestOptions:
     rate_limit: RateLimitPolicy | None = None
 
 
-def parse_options(headers: Mapping[str, str], default_id: str) -> RequestOptions:
-    """Parse all gateway headers of one request; raise a 400 GatewayError on the first bad one."""
-    # Most requests carry no gateway header at all: their options are the defaults. (Cache-Control
-    # alone means nothing here; it is read only with Helicone-Cache-Enabled.)
+def parse_options(headers: Mapping[str, str], defaults: RequestOptions) -> RequestOptions:
+    """Parse all gateway headers of one request; raise a 400 GatewayError on the first bad one.
+
+    `defaults` holds the gateway's request id (kept unless Helicone-Request-Id names one) and is
+    itself the answer when the request carries no gateway header.
+    """
+    # Most requests carry no gateway header at all. (Cache-Control alone means nothing here; it is
+    # read only with Helicone-Cache-Enabled.)
     for key in headers:
         if key[: len(GATEWAY_PREFIX)].lower() == GATEWAY_PREFIX:
             break
     else:
-        return RequestOptions(request_id=default_id)
+        return defaults
     get = headers.get
     given_id = get("Helicone-Request-Id")
-    request_id = default_id if given_id is None else _uuid(given_id, "Helicone-Request-Id")
+    request_id = defaults.request_id if given_id is None else _uuid(given_id, "Helicone-Request-Id")
     return RequestOptions(
         request_id=request_id,
         user_id=_text(get("Helicone-User-Id", ""), "Helicone-User-Id"),

@@ -55,7 +55,7 @@ class Intake:
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
         request = ex.request
-        ex.options = parse_options(request.headers, ex.options.request_id)
+        ex.options = parse_options(request.headers, ex.options)
         ex.response_headers["Helicone-Id"] = ex.request_id
         ex.route = resolve_route(self._settings, request.path, ex.options.target_url)
         limit = self._settings.server.max_body_bytes

@@ -13,27 +13,29 @@ from edgeproxy.settings import SettingsError
 from edgeproxy.settings_loader import load_settings
 
 REQUEST_ID = "00000000-0000-4000-8000-000000000001"
+DEFAULTS = RequestOptions(request_id=REQUEST_ID)
 PLAIN = {"Host": "127.0.0.1", "Content-Type": "application/json", "Authorization": "Bearer sk-x",
          "Cache-Control": "max-age=60"}
 
 
 def test_without_gateway_headers_the_options_are_the_full_parse_of_empty_ones() -> None:
-    shortcut = parse_options(CIMultiDict(PLAIN), REQUEST_ID)
+    shortcut = parse_options(CIMultiDict(PLAIN), DEFAULTS)
     # An empty user id sends the same request down the full parse.
-    full = parse_options(CIMultiDict({**PLAIN, "Helicone-User-Id": ""}), REQUEST_ID)
+    full = parse_options(CIMultiDict({**PLAIN, "Helicone-User-Id": ""}), DEFAULTS)
     assert shortcut == full == RequestOptions(request_id=REQUEST_ID)
+    assert shortcut is DEFAULTS and full is not DEFAULTS  # the shortcut builds nothing
     assert shortcut.cache is None  # Cache-Control alone does not turn caching on
 
 
 @pytest.mark.parametrize("name", ["helicone-cache-enabled", "HELICONE-CACHE-ENABLED", "Helicone-Cache-Enabled"])
 def test_gateway_headers_are_found_in_any_case(name: str) -> None:
-    options = parse_options(CIMultiDict({**PLAIN, name: "true"}), REQUEST_ID)
+    options = parse_options(CIMultiDict({**PLAIN, name: "true"}), DEFAULTS)
     assert options.cache is not None and options.cache.ttl_seconds == 60
 
 
 def test_a_lone_bad_gateway_header_is_still_refused() -> None:
     with pytest.raises(GatewayError) as caught:
-        parse_options(CIMultiDict({**PLAIN, "helicone-retry-num": "many"}), REQUEST_ID)
+        parse_options(CIMultiDict({**PLAIN, "helicone-retry-num": "many"}), DEFAULTS)
     assert (caught.value.status, caught.value.param) == (400, "Helicone-Retry-Num")
 
 
@@ -41,7 +43,7 @@ def test_a_lone_bad_gateway_header_is_still_refused() -> None:
 def test_a_target_url_with_a_query_or_fragment_is_refused(url: str) -> None:
     # The request's path is appended to the base: `/?x=1` + `/v1/…` would send it to `/` instead.
     with pytest.raises(GatewayError) as caught:
-        parse_options(CIMultiDict({"Helicone-Target-URL": url}), REQUEST_ID)
+        parse_options(CIMultiDict({"Helicone-Target-URL": url}), DEFAULTS)
     assert (caught.value.status, caught.value.param) == (400, "Helicone-Target-URL")
 
 
