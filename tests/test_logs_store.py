@@ -117,6 +117,7 @@ async def _engine_full(store: LogStore) -> str:
         # Merged-away parts held memory for up to 5 minutes under ClickHouse's cleanup backoff.
         ("prompt cleanup", PROMPT_CLEANUP),
     ],
+    ids=["vertical-merges", "prompt-cleanup"],
 )
 async def test_table_settings_new_or_upgraded(store: LogStore, label: str, settings: str) -> None:
     names = [setting.split(" = ")[0] for setting in settings.split(", ")]

@@ -26,9 +26,9 @@ VERTICAL_MERGES = (
     "vertical_merge_algorithm_min_rows_to_activate = 1, vertical_merge_algorithm_min_columns_to_activate = 1"
 )
 # Delete merged-away parts every 5 s instead of after ClickHouse's backoff of up to 5 minutes. Until
-# then each one held ~0.85 MB of memory (embedded: in the gateway's process, +100 MB over 5 minutes at
-# full load) and its disk. A server still keeps them for its `old_parts_lifetime` first. Replicated
-# tables keep the default: there every cleanup round also talks to Keeper.
+# then each one held ~0.85 MB of memory (embedded: in the gateway's process; 110 of them held ~100 MB)
+# and its disk. A server still keeps them for its `old_parts_lifetime` first. Replicated tables keep
+# the default: there every cleanup round also talks to Keeper.
 PROMPT_CLEANUP = "cleanup_delay_period = 5, max_cleanup_delay_period = 5, cleanup_delay_period_random_add = 0"
 # Part-level dedup: a spooled batch replayed with the insert token it was first sent with is
 # dropped by the server even before ReplacingMergeTree merges.
