@@ -3,8 +3,8 @@
 Each file is a `string.Template` (`${database}`, `${table}`, `${engine}`, `${on_cluster}`,
 `${ttl}`, `${settings}`) of `;`-separated statements, each idempotent (`IF NOT EXISTS`) so a
 crash between a statement and its bookkeeping row is harmless. `<database>.schema_migrations`
-records what ran for which table. The TTL (following `ttl_days`) and the merge settings are
-brought up to date on every run, not only at creation.
+records what ran for which table. The TTL (following `ttl_days`) and the merge and part-cleanup
+settings are brought up to date on every run, not only at creation.
 """
 
 from __future__ import annotations
