@@ -223,21 +223,13 @@ async def test_replays_never_double_count(store: LogStore) -> None:
 
 async def test_ttl_follows_settings(store: LogStore) -> None:
     await migrate(store, ttl_days=0)
-
-    async def engine_full() -> str:
-        [row] = await store.query(
-            "SELECT engine_full FROM system.tables WHERE database = {d:String} AND name = {t:String}",
-            {"d": store.database, "t": store.table},
-        )
-        return str(row["engine_full"])
-
-    assert " TTL " not in await engine_full()
+    assert " TTL " not in await _engine_full(store)
     assert await migrate(store, ttl_days=30) == ["ttl=30d"]
-    assert "TTL toDateTime(started_at) + toIntervalDay(30)" in await engine_full()
+    assert "TTL toDateTime(started_at) + toIntervalDay(30)" in await _engine_full(store)
     assert await migrate(store, ttl_days=30) == []
     assert await migrate(store) == []  # None leaves it as it is
     assert await migrate(store, ttl_days=0) == ["ttl=off"]
-    assert " TTL " not in await engine_full()
+    assert " TTL " not in await _engine_full(store)
 
 
 async def test_cluster_ddl_parses_and_names_replicated_engines(store: LogStore) -> None:

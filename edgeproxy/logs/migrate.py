@@ -30,14 +30,19 @@ VERTICAL_MERGES = (
 # and its disk. A server still keeps them for its `old_parts_lifetime` first. Replicated tables keep
 # the default: there every cleanup round also talks to Keeper.
 PROMPT_CLEANUP = "cleanup_delay_period = 5, max_cleanup_delay_period = 5, cleanup_delay_period_random_add = 0"
+# (label, settings) set at CREATE and brought up to date on existing tables, by kind of table.
+KEPT_REPLICATED = (("vertical merges", VERTICAL_MERGES),)
+KEPT_LOCAL = (*KEPT_REPLICATED, ("prompt cleanup", PROMPT_CLEANUP))
 # Part-level dedup: a spooled batch replayed with the insert token it was first sent with is
 # dropped by the server even before ReplacingMergeTree merges.
-LOCAL_SETTINGS = (
-    "index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 1000, "
-    f"{VERTICAL_MERGES}, {PROMPT_CLEANUP}"
+LOCAL_SETTINGS = ", ".join(
+    ("index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 1000",)
+    + tuple(settings for _, settings in KEPT_LOCAL)
 )
 # Replicated tables deduplicate inserts by default (replicated_deduplication_window).
-REPLICATED_SETTINGS = f"index_granularity = 8192, ttl_only_drop_parts = 1, {VERTICAL_MERGES}"
+REPLICATED_SETTINGS = ", ".join(
+    ("index_granularity = 8192, ttl_only_drop_parts = 1",) + tuple(settings for _, settings in KEPT_REPLICATED)
+)
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS ${database}.schema_migrations ${on_cluster}
@@ -133,10 +138,7 @@ async def _sync_table(store: LogStore, ttl_days: int | None) -> list[str]:
     engine, engine_full = rows[0]["engine"], rows[0]["engine_full"]
     changed = []
     # Tables created before a setting existed get it here; a fresh one has it from CREATE.
-    kept = [("vertical merges", VERTICAL_MERGES)]
-    if not engine.startswith("Replicated"):
-        kept.append(("prompt cleanup", PROMPT_CLEANUP))
-    for label, settings in kept:
+    for label, settings in KEPT_REPLICATED if engine.startswith("Replicated") else KEPT_LOCAL:
         if any(setting not in engine_full for setting in settings.split(", ")):
             await store.command(f"ALTER TABLE {store.qualified} MODIFY SETTING {settings}")
             changed.append(label)
