@@ -181,15 +181,19 @@ def rss_bytes(root_pid: int) -> int:
 
 def cpu_seconds(root_pid: int) -> float:
     """User plus system CPU time used so far by a process tree's live members."""
-    ticks = 0
+    total = 0.0
     for pid in process_tree(root_pid):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            total += stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def stat_cpu_seconds(stat: str) -> float:
+    """User plus system CPU seconds from the text of a `/proc/<pid>/stat` (or `…/task/<tid>/stat`)."""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _child_env(**extra: str) -> dict[str, str]:

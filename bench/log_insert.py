@@ -2,21 +2,26 @@
 
     python -m bench.log_insert                      # both stores, batches of 1000 and 10 000
     python -m bench.log_insert --store http --batches 250,1000,4000
+    python -m bench.log_insert --store embedded --batches 3000 --rows 900000 --setting merge_selector_base=5
     python -m bench.log_insert --memory 1200   # RSS of this process over 1200 embedded inserts of 3000 rows
 
-An insert costs a fixed amount (a new part) plus a little per row; this measures both sides of
-the `logs.batch_rows` choice without the rest of the gateway. Each size inserts the same total
-number of rows, each batch under its own deduplication token, as the batcher sends them.
+An insert costs a fixed amount (a new part) plus a little per row, and every row is rewritten by
+later merges; this measures both, for the `logs.batch_rows` choice and the table's merge settings,
+without the rest of the gateway. Each size inserts the same total number of rows with fresh ids
+(repeated ones would collapse in merges and hide their cost), each batch under its own
+deduplication token as the batcher sends them, `--pace` seconds apart, then waits for the merges
+the inserts started to finish. `--setting` overrides one of the table's settings after migration.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +31,10 @@ from edgeproxy.logs.record import LogRecord, Row
 from edgeproxy.logs.store import LogStore, open_log_store
 from edgeproxy.settings import LogSettings
 
-from .contenders import Process, cpu_seconds, start_clickhouse
+from .contenders import Process, cpu_seconds, start_clickhouse, stat_cpu_seconds
+
+# Merges still running this long after the last insert are left out of the figures.
+SETTLE_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,9 @@ class InsertCost:
     batch_rows: int
     writer_us_per_row: float  # this process: the gateway's side (clickhouse-connect, and chDB when embedded)
     server_us_per_row: float | None  # the double's process; None when embedded
+    merge_us_per_row: float  # the engine's merge threads, wherever it runs (part of one of the above)
     ms_per_insert: float
+    peak_parts: int  # most live parts seen in the table
 
 
 def sample_row() -> Row:
@@ -73,26 +83,81 @@ async def _migrated_store(store_kind: str, scratch: Path) -> AsyncIterator[tuple
             server.stop()
 
 
-async def measure(store_kind: str, batches: list[int], total_rows: int, scratch: Path) -> list[InsertCost]:
+async def measure(store_kind: str, batches: list[int], total_rows: int, scratch: Path,
+                  settings: Sequence[str] = (), pace: float = 0.05) -> list[InsertCost]:
     costs = []
     async with _migrated_store(store_kind, scratch) as (store, server):
+        for setting in settings:
+            await store.command(f"ALTER TABLE {store.qualified} MODIFY SETTING {setting}")
+        engine_pid = server.pid if server is not None else os.getpid()
+        template = sample_row()
         for size in batches:
-            rows = [sample_row() for _ in range(size)]
-            await store.insert(rows)  # the first insert of a size pays for warm-up
+            await store.insert(_fresh(template, size))  # the first insert of a size pays for warm-up
+            await _settled(store)
             count = max(1, total_rows // size)
-            mine, theirs, start = time.process_time(), _cpu(server), time.perf_counter()
-            for _ in range(count):
+            generating = 0.0  # fresh ids are the bench's work, not the writer's
+            peak_parts = 0
+            mine, theirs, merges = time.process_time(), _cpu(server), _merge_cpu(engine_pid)
+            start = time.perf_counter()
+            for done in range(count):
+                before = time.thread_time()
+                rows = _fresh(template, size)
+                generating += time.thread_time() - before
                 await store.insert(rows, uuid.uuid4().hex)
+                if done % 10 == 0:
+                    peak_parts = max(peak_parts, await _live_parts(store))
+                await asyncio.sleep(pace)
             elapsed = time.perf_counter() - start
+            await _settled(store)
             inserted = count * size
             server_cpu = _cpu(server) - theirs if server is not None else None
             costs.append(InsertCost(
                 store=store_kind, batch_rows=size,
-                writer_us_per_row=1e6 * (time.process_time() - mine) / inserted,
+                writer_us_per_row=1e6 * (time.process_time() - mine - generating) / inserted,
                 server_us_per_row=1e6 * server_cpu / inserted if server_cpu is not None else None,
+                merge_us_per_row=1e6 * (_merge_cpu(engine_pid) - merges) / inserted,
                 ms_per_insert=1e3 * elapsed / count,
+                peak_parts=peak_parts,
             ))
     return costs
+
+
+def _fresh(template: Row, size: int) -> list[Row]:
+    return [(str(uuid.uuid4()), *template[1:]) for _ in range(size)]
+
+
+async def _live_parts(store: LogStore) -> int:
+    rows = await store.query(
+        "SELECT count() AS parts FROM system.parts WHERE active AND database = {d:String} AND table = {t:String}",
+        {"d": store.database, "t": store.table},
+    )
+    return int(rows[0]["parts"])
+
+
+async def _settled(store: LogStore) -> None:
+    """Wait until no merge has run on the table for a second (at most SETTLE_SECONDS)."""
+    deadline, quiet_since = time.monotonic() + SETTLE_SECONDS, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < 1.0:
+        rows = await store.query(
+            "SELECT count() AS running FROM system.merges WHERE database = {d:String} AND table = {t:String}",
+            {"d": store.database, "t": store.table},
+        )
+        if rows[0]["running"]:
+            quiet_since = time.monotonic()
+        await asyncio.sleep(0.1)
+
+
+def _merge_cpu(pid: int) -> float:
+    """CPU seconds of the ClickHouse engine's merge threads in process `pid`."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        if stat[stat.index("(") + 1 : stat.rindex(")")].startswith("MergeMutate"):
+            total += stat_cpu_seconds(stat)
+    return total
 
 
 async def memory_trace(store_kind: str, inserts: int, scratch: Path, batch_rows: int = 3000,
@@ -107,8 +172,7 @@ async def memory_trace(store_kind: str, inserts: int, scratch: Path, batch_rows:
         template = sample_row()
         for done in range(1, inserts + 1):
             # Fresh ids: the replacing merge would collapse repeated ones and hide the growth.
-            rows = [(str(uuid.uuid4()), *template[1:]) for _ in range(batch_rows)]
-            await store.insert(rows, uuid.uuid4().hex)
+            await store.insert(_fresh(template, batch_rows), uuid.uuid4().hex)
             if done % every == 0:
                 trace.append((done * batch_rows, *_rss_mb()))
     return trace
@@ -125,12 +189,15 @@ def _cpu(server: Process | None) -> float:
 
 def render(costs: list[InsertCost]) -> str:
     lines = [
-        "| store | batch rows | writer µs/row | server µs/row | ms per insert |",
-        "| --- | --- | --- | --- | --- |",
+        "| store | batch rows | writer µs/row | server µs/row | of which merges µs/row | ms per insert | peak parts |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cost in costs:
         server = f"{cost.server_us_per_row:.1f}" if cost.server_us_per_row is not None else "-"
-        lines.append(f"| {cost.store} | {cost.batch_rows} | {cost.writer_us_per_row:.1f} | {server} | {cost.ms_per_insert:.1f} |")
+        lines.append(
+            f"| {cost.store} | {cost.batch_rows} | {cost.writer_us_per_row:.1f} | {server} "
+            f"| {cost.merge_us_per_row:.1f} | {cost.ms_per_insert:.1f} | {cost.peak_parts} |"
+        )
     return "\n".join(lines)
 
 
@@ -138,7 +205,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", choices=("embedded", "http", "both"), default="both")
     parser.add_argument("--batches", default="1000,10000", help="comma-separated batch sizes")
-    parser.add_argument("--rows", type=int, default=40_000, help="rows inserted per batch size")
+    parser.add_argument("--rows", type=int, default=200_000, help="rows inserted per batch size")
+    parser.add_argument("--pace", type=float, default=0.05, help="seconds between inserts (default 0.05)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a table setting to override after migration; repeatable")
     parser.add_argument("--memory", type=int, metavar="INSERTS", help="trace RSS over this many 3000-row inserts instead")
     args = parser.parse_args()
     if args.memory:
@@ -153,7 +223,7 @@ def main() -> None:
     for kind in kinds:
         # chDB opens one folder per process, so each store gets a fresh folder and its own run.
         with tempfile.TemporaryDirectory(prefix="edgeproxy-log-insert-") as scratch:
-            costs += asyncio.run(measure(kind, batches, args.rows, Path(scratch)))
+            costs += asyncio.run(measure(kind, batches, args.rows, Path(scratch), args.setting, args.pace))
     print(render(costs))
 
 
