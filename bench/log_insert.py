@@ -65,17 +65,19 @@ def sample_row() -> Row:
 
 
 @asynccontextmanager
-async def _migrated_store(store_kind: str, scratch: Path) -> AsyncIterator[tuple[LogStore, Process | None]]:
-    """An empty request table: embedded in this process, or in the ClickHouse double ("http"), and the double."""
+async def _migrated_store(store_kind: str, scratch: Path,
+                          settings: Sequence[str] = ()) -> AsyncIterator[tuple[LogStore, Process | None]]:
+    """An empty request table with `settings` overridden: embedded in this process, or in the ClickHouse double
+    ("http"), and the double."""
     server: Process | None = None
+    url = None
     if store_kind == "http":
         server, url = start_clickhouse(scratch)
-        settings = LogSettings(clickhouse_url=url)
-    else:
-        settings = LogSettings()
-    store = open_log_store(settings, scratch)
+    store = open_log_store(LogSettings(clickhouse_url=url), scratch)
     try:
         await migrate(store)
+        for setting in settings:
+            await store.command(f"ALTER TABLE {store.qualified} MODIFY SETTING {setting}")
         yield store, server
     finally:
         await store.close()
@@ -86,9 +88,7 @@ async def _migrated_store(store_kind: str, scratch: Path) -> AsyncIterator[tuple
 async def measure(store_kind: str, batches: list[int], total_rows: int, scratch: Path,
                   settings: Sequence[str] = (), pace: float = 0.05) -> list[InsertCost]:
     costs = []
-    async with _migrated_store(store_kind, scratch) as (store, server):
-        for setting in settings:
-            await store.command(f"ALTER TABLE {store.qualified} MODIFY SETTING {setting}")
+    async with _migrated_store(store_kind, scratch, settings) as (store, server):
         engine_pid = server.pid if server is not None else os.getpid()
         template = sample_row()
         for size in batches:
@@ -161,14 +161,14 @@ def _merge_cpu(pid: int) -> float:
 
 
 async def memory_trace(store_kind: str, inserts: int, scratch: Path, batch_rows: int = 3000,
-                       every: int = 100) -> list[tuple[int, int, int]]:
+                       every: int = 100, settings: Sequence[str] = ()) -> list[tuple[int, int, int]]:
     """(rows stored, RSS MB, anonymous RSS MB) of this process every `every` inserts of fresh rows.
 
     Embedded, this process holds the chDB engine, so this is the engine's memory as its data grows;
     over HTTP it is the writer's alone.
     """
     trace = []
-    async with _migrated_store(store_kind, scratch) as (store, _):
+    async with _migrated_store(store_kind, scratch, settings) as (store, _):
         template = sample_row()
         for done in range(1, inserts + 1):
             # Fresh ids: the replacing merge would collapse repeated ones and hide the growth.
@@ -214,7 +214,7 @@ def main() -> None:
     if args.memory:
         kind = "http" if args.store == "http" else "embedded"
         with tempfile.TemporaryDirectory(prefix="edgeproxy-log-memory-") as scratch:
-            for rows, rss, anon in asyncio.run(memory_trace(kind, args.memory, Path(scratch))):
+            for rows, rss, anon in asyncio.run(memory_trace(kind, args.memory, Path(scratch), settings=args.setting)):
                 print(f"{kind} {rows:>9} rows stored: RSS {rss} MB, anonymous {anon} MB")
         return
     batches = [int(size) for size in args.batches.split(",")]

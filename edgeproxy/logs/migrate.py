@@ -33,14 +33,16 @@ VERTICAL_MERGES = (
 # and its disk. A server still keeps them for its `old_parts_lifetime` first. Replicated tables keep
 # the default: there every cleanup round also talks to Keeper.
 PROMPT_CLEANUP = "cleanup_delay_period = 5, max_cleanup_delay_period = 5, cleanup_delay_period_random_add = 0"
-# Merge up to ~20 parts at a time rather than ~5, so each row is rewritten fewer times. Measured
-# over 3 million rows in 3000-row inserts (bench/log_insert.py): the merge threads spent ~10 µs per
-# row against ~29, for at most ~30 live parts against ~15. Embedded, those threads share the
-# gateway's cores. Exposed by ClickHouse 24.11; an older server keeps its default (see _known).
+# Merge up to ~20 parts at a time rather than ~5, so each row is rewritten fewer times. Over 900 000
+# rows in 3000-row inserts (bench/log_insert.py --setting merge_selector_base=5 for the default),
+# the merge threads spent ~6 µs per row against ~14, with at most 27 live parts against 12.
+# Embedded, those threads share the gateway's cores. Exposed by ClickHouse 24.11; an older server
+# keeps its default (see _known).
 WIDE_MERGES = "merge_selector_base = 20"
 # (label, settings) set at CREATE and brought up to date on existing tables, by kind of table.
-KEPT_REPLICATED = (("vertical merges", VERTICAL_MERGES),)
-KEPT_LOCAL = (*KEPT_REPLICATED, ("prompt cleanup", PROMPT_CLEANUP), ("wide merges", WIDE_MERGES))
+Kept = tuple[tuple[str, str], ...]
+KEPT_REPLICATED: Kept = (("vertical merges", VERTICAL_MERGES),)
+KEPT_LOCAL: Kept = (*KEPT_REPLICATED, ("prompt cleanup", PROMPT_CLEANUP), ("wide merges", WIDE_MERGES))
 # Part-level dedup: a spooled batch replayed with the insert token it was first sent with is
 # dropped by the server even before ReplacingMergeTree merges.
 LOCAL_BASE = "index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 1000"
@@ -133,7 +135,7 @@ def migrate_sync(settings: Settings) -> list[str]:
     return asyncio.run(run())
 
 
-async def _known(store: LogStore, kept: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+async def _known(store: LogStore, kept: Kept) -> Kept:
     """The entries of `kept` whose every setting the server has; an older server keeps its defaults."""
     rows = await store.query(
         "SELECT name FROM system.merge_tree_settings WHERE name IN {names:Array(String)}",
@@ -154,7 +156,7 @@ def _names(settings: str) -> list[str]:
     return [setting.split(" = ")[0] for setting in settings.split(", ")]
 
 
-async def _sync_table(store: LogStore, ttl_days: int | None, kept_local: tuple[tuple[str, str], ...]) -> list[str]:
+async def _sync_table(store: LogStore, ttl_days: int | None, kept_local: Kept) -> list[str]:
     """Bring an existing table's TTL (when `ttl_days` is given) and merge settings up to date; what changed."""
     rows = await store.query(
         "SELECT engine, engine_full FROM system.tables WHERE database = {d:String} AND name = {t:String}",
