@@ -277,7 +277,7 @@ async def test_log_insert_bench_measures_both_sides_per_batch_size(store: str, t
     costs = await log_insert.measure(store, [20, 100], total_rows=200, scratch=tmp_path, pace=0)
     assert [cost.batch_rows for cost in costs] == [20, 100]
     assert all(cost.writer_us_per_row > 0 and cost.ms_per_insert > 0 for cost in costs)
-    assert all(cost.peak_parts >= 1 and cost.merge_us_per_row >= 0 for cost in costs)
+    assert all(cost.peak_parts >= 1 for cost in costs)
     # Only the double runs in a process of its own.
     assert all((cost.server_us_per_row is not None) == (store == "http") for cost in costs)
     table = log_insert.render(costs)
