@@ -43,13 +43,19 @@ WIDE_MERGES = "merge_selector_base = 20"
 Kept = tuple[tuple[str, str], ...]
 KEPT_REPLICATED: Kept = (("vertical merges", VERTICAL_MERGES),)
 KEPT_LOCAL: Kept = (*KEPT_REPLICATED, ("prompt cleanup", PROMPT_CLEANUP), ("wide merges", WIDE_MERGES))
+BASE_SETTINGS = "index_granularity = 8192, ttl_only_drop_parts = 1"
 # Part-level dedup: a spooled batch replayed with the insert token it was first sent with is
-# dropped by the server even before ReplacingMergeTree merges.
-LOCAL_BASE = "index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 1000"
-# Replicated tables deduplicate inserts by default (replicated_deduplication_window).
-REPLICATED_SETTINGS = ", ".join(
-    ("index_granularity = 8192, ttl_only_drop_parts = 1",) + tuple(settings for _, settings in KEPT_REPLICATED)
-)
+# dropped by the server even before ReplacingMergeTree merges. Replicated tables deduplicate
+# inserts by default (replicated_deduplication_window).
+LOCAL_BASE = f"{BASE_SETTINGS}, non_replicated_deduplication_window = 1000"
+
+
+def settings_clause(base: str, kept: Kept) -> str:
+    """The CREATE's SETTINGS: `base` and every kept setting."""
+    return ", ".join((base, *(settings for _, settings in kept)))
+
+
+REPLICATED_SETTINGS = settings_clause(BASE_SETTINGS, KEPT_REPLICATED)
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS ${database}.schema_migrations ${on_cluster}
@@ -109,7 +115,7 @@ async def migrate(store: LogStore, *, ttl_days: int | None = None) -> list[str]:
             "on_cluster": "",
             "engine": "ReplacingMergeTree",
             "ttl": ttl_clause(ttl_days or 0),
-            "settings": ", ".join((LOCAL_BASE, *(settings for _, settings in kept))),
+            "settings": settings_clause(LOCAL_BASE, kept),
         }
         for statement in migration.statements(**values):
             await store.command(statement)
@@ -167,7 +173,8 @@ async def _sync_table(store: LogStore, ttl_days: int | None, kept_local: Kept) -
     engine, engine_full = rows[0]["engine"], rows[0]["engine_full"]
     changed = []
     # Tables created before a setting existed get it here; a fresh one has it from CREATE.
-    kept = await _known(store, KEPT_REPLICATED) if engine.startswith("Replicated") else kept_local
+    # A replicated table keeps fewer settings; which of them the server knows, kept_local already says.
+    kept = tuple(entry for entry in kept_local if entry in KEPT_REPLICATED) if engine.startswith("Replicated") else kept_local
     for label, settings in kept:
         if any(setting not in engine_full for setting in settings.split(", ")):
             await store.command(f"ALTER TABLE {store.qualified} MODIFY SETTING {settings}")
