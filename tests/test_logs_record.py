@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from edgeproxy.logs.migrate import SCHEMA_DIR
-from edgeproxy.logs.record import COLUMNS, LogRecord, cap_body
+from edgeproxy.logs.record import COLUMNS, NO_PROPERTIES, LogRecord, cap_body
 
 
 def test_row_follows_columns_and_fields() -> None:
@@ -17,8 +17,17 @@ def test_row_follows_columns_and_fields() -> None:
     assert list(COLUMNS) == fields
     record = LogRecord(request_id="r", started_at=1.5)
     for index, name in enumerate(COLUMNS):
-        if name not in ("started_at", "params"):
+        if name not in ("started_at", "params", "properties"):
             assert record.to_row()[index] is getattr(record, name)
+
+
+def test_rows_without_properties_share_one_dict() -> None:
+    index = COLUMNS.index("properties")
+    rows = [LogRecord(request_id=str(n), started_at=1.0).to_row() for n in range(3)]
+    assert all(row[index] is NO_PROPERTIES for row in rows)
+    assert NO_PROPERTIES == {}
+    tagged = LogRecord(request_id="t", started_at=1.0, properties={"team": "a"})
+    assert tagged.to_row()[index] is tagged.properties
 
 
 def test_schema_declares_every_column_in_order() -> None:

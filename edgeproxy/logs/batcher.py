@@ -1,6 +1,9 @@
 """LogBatcher: request records to the store in batches, off the request path, never lost silently.
 
-`submit(record)` is synchronous and O(1): it appends to a bounded in-memory queue and returns.
+`submit(record)` is synchronous and O(1): it appends the record's row to a bounded in-memory queue
+and returns. The queue holds rows, not records: a row is one object for the cycle collector to
+count where a record is three (itself and its two dicts), and a second of queued records was what
+pushed the young generation past its threshold under load (see serve.GC_YOUNG_THRESHOLD).
 One loop flushes a batch when `batch_rows` rows are waiting or `flush_seconds` after the batch's
 first row, whichever comes first. A batch the store does not take goes to the on-disk spool at
 once, so the queue never stalls behind a dead ClickHouse; while the store is down (or its
@@ -38,7 +41,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -129,7 +132,7 @@ class LogBatcher:
         )
         # An insert that outlived its patience and still runs; batches spool until it settles.
         self._slow: asyncio.Future[None] | None = None
-        self._rows: deque[LogRecord] = deque()
+        self._rows: deque[Row] = deque()
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         self._accepting = True
@@ -172,7 +175,7 @@ class LogBatcher:
                 self._warned_queue = True
                 log.warning("request log queue is full (%d rows): dropping records", len(rows))
             return False
-        rows.append(record)
+        rows.append(record.to_row())
         if len(rows) == 1:
             self._arrived.set()
         if len(rows) >= self._batch_rows:
@@ -208,7 +211,7 @@ class LogBatcher:
             leftover.append(self._inflight)
             self._inflight = None
         while self._rows:
-            leftover.append((uuid.uuid4().hex, self._rows_of(self._take())))
+            leftover.append((uuid.uuid4().hex, self._take()))
         for token, rows in leftover:
             await self._to_spool(token, rows)
         await self._land_spool(deadline)
@@ -253,19 +256,16 @@ class LogBatcher:
                 self._health.count_failure()
                 log.exception("request log flush failed")
 
-    def _take(self) -> list[LogRecord]:
+    def _take(self) -> list[Row]:
         rows = self._rows
         batch = [rows.popleft() for _ in range(min(self._batch_rows, len(rows)))]
         if len(rows) < self._max_rows // 2:
             self._warned_queue = False
         return batch
 
-    def _rows_of(self, records: Sequence[LogRecord]) -> list[Row]:
-        return [record.to_row() for record in records]
-
-    async def _write(self, records: list[LogRecord]) -> None:
+    async def _write(self, rows: list[Row]) -> None:
         started = time.perf_counter()
-        token, rows = uuid.uuid4().hex, self._rows_of(records)
+        token = uuid.uuid4().hex
         # Left set if this task is cancelled, so close() spools the batch rather than losing it.
         self._inflight = (token, rows)
         written = False

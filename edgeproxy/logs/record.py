@@ -47,6 +47,11 @@ COLUMNS: tuple[str, ...] = (
 
 Row = tuple[Any, ...]
 
+# The properties of every row that has none: most rows. One shared dict, not one per row, so a
+# queued row is a single object for the cycle collector to count (see batcher.py). Never mutated:
+# rows only go to the store and the spool.
+NO_PROPERTIES: dict[str, str] = {}
+
 
 @dataclass(slots=True)
 class LogRecord:
@@ -105,7 +110,7 @@ class LogRecord:
             self.user_id,
             self.app_id,
             self.key_id,
-            self.properties,
+            self.properties or NO_PROPERTIES,
             self.session_id,
             self.session_path,
             self.session_name,
