@@ -80,7 +80,8 @@ PROFILE_SCENARIOS = ("c64", "stream-c32")
 # margins the targets leave. Rounds put the contenders side by side in time; the median of the
 # per-round ratios is what the targets read.
 PAIRED_CONTENDERS = ("nginx", "edgeproxy-1w", "edgeproxy-1w-embedded", "edgeproxy-1w-clickhouse")
-PAIRED_SECONDS = 3.0
+# Long enough that the last log batch of a window, which lands after it, is a small share of it.
+PAIRED_SECONDS = 5.0
 DEFAULT_ROUNDS = 7
 
 
@@ -269,7 +270,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
                 clickhouse, clickhouse_url = start_clickhouse(scratch)
             except Unavailable as exc:
                 print(f"clickhouse double unavailable: {exc}", file=sys.stderr)
-        backdrop = Backdrop(mock_url, mock.pid, clickhouse_url, scratch)
+        backdrop = Backdrop(mock_url, mock.pid, clickhouse_url, scratch, clickhouse.pid if clickhouse else None)
         for spec in plan.contenders:
             running = _start(spec, backdrop, skipped)
             if running is None:
@@ -342,8 +343,11 @@ def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str]) -> t
             rps = {}
             for running in started[shift:] + started[:shift]:
                 rps[running.spec.name] = measure(running, chosen, backdrop).result.rps
-                # Its last log batch lands now, not in the next contender's window.
+                # Its last log batch lands now, not in the next contender's window: the double's
+                # insert of it too, which runs in another process.
                 _wait_until_idle(running.pid)
+                if running.spec.logs == "clickhouse" and backdrop.clickhouse_pid is not None:
+                    _wait_until_idle(backdrop.clickhouse_pid)
             rounds.append(rps)
             print(f"round {number + 1}/{plan.rounds}: " + ", ".join(f"{k} {v:.0f}" for k, v in rps.items()),
                   file=sys.stderr)

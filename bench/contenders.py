@@ -59,6 +59,7 @@ class Backdrop:
     mock_pid: int
     clickhouse_url: str | None
     scratch: Path
+    clickhouse_pid: int | None = None
 
 
 class Process:

@@ -18,6 +18,7 @@ import orjson
 from yarl import URL
 
 from .errors import bad_header
+from .targets import is_base_url
 
 Unit = Literal["request", "cents", "tokens"]
 
@@ -194,9 +195,7 @@ def _target_url(value: str | None) -> str | None:
         agree = parsed.host == parts.hostname and parsed.explicit_port == parts.port
     except ValueError:  # an unparseable port or IPv6 literal
         agree = False
-    # A base URL: the request's path is appended to it, which a query or fragment would swallow.
-    has_suffix = "?" in text or "#" in text
-    if not agree or parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or has_suffix:
+    if not agree or not is_base_url(text) or "@" in parts.netloc:
         # User info may be a password: the error (which is also logged) does not repeat it.
         shown = "<redacted>" if "@" in text else value
         raise bad_header("Helicone-Target-URL", "an absolute http(s) URL without user info, query or fragment", shown)

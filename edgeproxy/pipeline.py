@@ -17,7 +17,7 @@ from typing import Protocol
 from aiohttp import web
 
 from .errors import GatewayError
-from .exchange import Capture, Exchange
+from .exchange import Exchange
 from .options import RequestOptions, parse_options
 from .settings import Settings
 from .targets import resolve_route
@@ -75,7 +75,7 @@ class Intake:
             raise GatewayError(408, message, code="body_timeout") from None
         except web.RequestPayloadError:  # e.g. a body that does not match its Content-Encoding
             raise GatewayError(400, "Request body could not be read or decoded", code="bad_body") from None
-        ex.capture = Capture(limit=self._capture_limit)
+        ex.capture.limit = self._capture_limit
         return await call_next(ex)
 
 

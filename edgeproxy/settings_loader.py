@@ -35,6 +35,7 @@ from .settings import (
     TargetSettings,
     TimeoutSettings,
 )
+from .targets import is_base_url
 
 # Operator shortcuts: (environment variable, section, field).
 SHORTCUTS = {
@@ -155,9 +156,10 @@ def _validate(s: Settings) -> None:
     if s.default_target not in s.targets:
         raise SettingsError(f"default_target {s.default_target!r} is not a configured target")
     for name, target in s.targets.items():
-        if not target.base_url.startswith(("http://", "https://")) or "?" in target.base_url or "#" in target.base_url:
+        if not is_base_url(target.base_url):
             raise SettingsError(
-                f"targets.{name}.base_url must be an http(s) URL without query or fragment, got {target.base_url!r}"
+                f"targets.{name}.base_url must be an http(s) URL with a host, without query or fragment, "
+                f"got {target.base_url!r}"
             )
         if not name.replace("-", "").replace("_", "").isalnum():
             raise SettingsError(f"target name {name!r} may hold only letters, digits, - and _")

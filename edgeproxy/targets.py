@@ -61,6 +61,16 @@ def resolve_route(settings: Settings, path: str, target_url: str | None) -> Rout
     return Route(settings.targets[name], rest)
 
 
+def is_base_url(text: str) -> bool:
+    """An absolute http(s) URL with a host and no query or fragment, which a path appended to it would swallow."""
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises on a port that is not a number in range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and "?" not in text and "#" not in text
+
+
 def _climbs(path: str) -> bool:
     """A `.` or `..` segment: the upstream client would resolve it and leave the target's base path.
 

@@ -47,8 +47,10 @@ def test_a_target_url_with_a_query_or_fragment_is_refused(url: str) -> None:
     assert (caught.value.status, caught.value.param) == (400, "Helicone-Target-URL")
 
 
-@pytest.mark.parametrize("base_url", ["http://127.0.0.1:9/v1?api=1", "http://127.0.0.1:9/#x"])
-def test_a_configured_base_url_with_a_query_or_fragment_is_refused(tmp_path: Path, base_url: str) -> None:
+@pytest.mark.parametrize(
+    "base_url", ["http://127.0.0.1:9/v1?api=1", "http://127.0.0.1:9/#x", "http://", "https://:443/v1", "http://h:99999"]
+)
+def test_a_configured_base_url_without_a_host_or_with_a_query_or_fragment_is_refused(tmp_path: Path, base_url: str) -> None:
     config = tmp_path / "edgeproxy.toml"
     config.write_text(f'[targets.local]\nbase_url = "{base_url}"\n')
     with pytest.raises(SettingsError, match="targets.local.base_url"):
