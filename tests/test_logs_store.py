@@ -233,8 +233,8 @@ async def test_inserted_rows_are_freed_without_the_cycle_collector(store: LogSto
     try:
         await store.insert(rows)
         del rows
-        # Freed by reference counting alone: a batch held in a reference cycle would stay until the
-        # collector's next pass, which under load the log's batches were what triggered.
+        # Freed by reference counting alone. A batch held in a reference cycle waits for the
+        # collector's next pass, and under load such batches were what set the collector off.
         assert alive() is None
     finally:
         gc.enable()
