@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--store", choices=("embedded", "http", "both"), default="both")
     parser.add_argument("--batches", default="1000,10000", help="comma-separated batch sizes")
     parser.add_argument("--rows", type=int, default=200_000, help="rows inserted per batch size")
-    parser.add_argument("--pace", type=float, default=0.05, help="seconds between inserts (default 0.05)")
+    parser.add_argument("--pace", type=float, default=0.05, help="seconds between inserts (default %(default)s)")
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                         help="a table setting to override after migration; repeatable")
     parser.add_argument("--memory", type=int, metavar="INSERTS", help="trace RSS over this many 3000-row inserts instead")
