@@ -39,6 +39,7 @@ from .contenders import (
     Running,
     Unavailable,
     cpu_seconds,
+    main_thread_cpu_seconds,
     rss_bytes,
     start,
     start_clickhouse,
@@ -80,6 +81,8 @@ PROFILE_SCENARIOS = ("c64", "stream-c32")
 # margins the targets leave. Rounds put the contenders side by side in time; the median of the
 # per-round ratios is what the targets read.
 PAIRED_CONTENDERS = ("nginx", "edgeproxy-1w", "edgeproxy-1w-embedded", "edgeproxy-1w-clickhouse")
+# Interleaved rounds: per round, a figure for each contender measured in it.
+Rounds = tuple[dict[str, float], ...]
 # Long enough that the last log batch of a window, which lands after it, is a small share of it.
 PAIRED_SECONDS = 5.0
 DEFAULT_ROUNDS = 7
@@ -150,12 +153,23 @@ class Measurement:
     # The mock's CPU while a proxy ran (None for `direct`, where the mock is the server).
     mock_cpu_s: float | None
     client_cpu_s: float
+    # The event-loop thread's share of server_cpu_s, for a 1-worker edgeproxy (None otherwise): its
+    # writer and engine threads run beside it, and the loop's figure moves far less than req/s.
+    loop_cpu_s: float | None = None
 
     @property
     def cpu_us_per_request(self) -> float | None:
         """Server CPU per request (warm-up included): efficiency that CPU contention does not distort."""
+        return self._per_request(self.server_cpu_s)
+
+    @property
+    def loop_us_per_request(self) -> float | None:
+        """The event-loop thread's CPU per request (warm-up included), when measured."""
+        return None if self.loop_cpu_s is None else self._per_request(self.loop_cpu_s)
+
+    def _per_request(self, cpu_s: float) -> float | None:
         sent = self.result.completed + self.result.errors + self.result.warmup
-        return self.server_cpu_s / sent * 1e6 if sent else None
+        return cpu_s / sent * 1e6 if sent else None
 
 
 @dataclass(frozen=True)
@@ -170,7 +184,9 @@ class RunReport:
     soaks: tuple[Measurement, ...]
     skipped: dict[str, str] = field(default_factory=dict)
     # Interleaved c64 rounds: each maps a contender to its req/s in that round.
-    rounds: tuple[dict[str, float], ...] = ()
+    rounds: Rounds = ()
+    # The same rounds: each maps a 1-worker edgeproxy to its event-loop thread's CPU µs per request.
+    rounds_loop_us: Rounds = ()
 
     def find(self, contender: str, scenario_name: str) -> Measurement | None:
         return next((m for m in self.measurements if m.contender == contender and m.scenario == scenario_name), None)
@@ -222,6 +238,8 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
         "--requests", str(chosen.requests), "--seconds", str(chosen.seconds),
         "--concurrency", str(chosen.concurrency), "--warmup", str(chosen.warmup), "--json",
     ]
+    single_loop = running.spec.kind == "edgeproxy" and running.spec.workers == 1
+    loop_before = main_thread_cpu_seconds(running.pid) if single_loop else 0.0
     server_before = cpu_seconds(running.pid)
     mock_before = cpu_seconds(backdrop.mock_pid)
     client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -240,6 +258,7 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
         raise RuntimeError(f"loadgen failed ({load.returncode}): {err.decode()[-2000:]}")
     samples.append((time.monotonic() - started, rss_bytes(running.pid)))
     server = cpu_seconds(running.pid) - server_before
+    loop = main_thread_cpu_seconds(running.pid) - loop_before if single_loop else None
     mock = cpu_seconds(backdrop.mock_pid) - mock_before
     client = (client_after.ru_utime + client_after.ru_stime) - (client_before.ru_utime + client_before.ru_stime)
     return Measurement(
@@ -250,6 +269,7 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
         server_cpu_s=server,
         mock_cpu_s=None if running.pid == backdrop.mock_pid else mock,
         client_cpu_s=client,
+        loop_cpu_s=loop,
     )
 
 
@@ -263,7 +283,8 @@ def run(plan: Plan, scratch: Path) -> RunReport:
     measurements: list[Measurement] = []
     versions: dict[str, str] = {}
     soaks: tuple[Measurement, ...] = ()
-    rounds: tuple[dict[str, float], ...] = ()
+    rounds: Rounds = ()
+    rounds_loop_us: Rounds = ()
     try:
         if any(c.logs == "clickhouse" for c in plan.contenders) or plan.soak_seconds > 0:
             try:
@@ -287,7 +308,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
             finally:
                 running.stop()
         if plan.rounds > 0:
-            rounds = _paired_rounds(plan, backdrop, skipped)
+            rounds, rounds_loop_us = _paired_rounds(plan, backdrop, skipped)
         if plan.soak_seconds > 0:
             measured = [_soak(spec, plan, backdrop, skipped) for spec in SOAK_CONTENDERS]
             soaks = tuple(soak for soak in measured if soak is not None)
@@ -306,6 +327,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
         soaks=soaks,
         skipped=skipped,
         rounds=rounds,
+        rounds_loop_us=rounds_loop_us,
     )
 
 
@@ -321,18 +343,22 @@ def _start(spec: ContenderSpec, backdrop: Backdrop, skipped: dict[str, str]) -> 
         return None
 
 
-def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str]) -> tuple[dict[str, float], ...]:
-    """c64 on each paired contender in turn, `plan.rounds` times, all started at once; req/s per round.
+def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str]) -> tuple[Rounds, Rounds]:
+    """c64 on each paired contender in turn, `plan.rounds` times, all started at once.
+
+    Returns req/s per round, and per round the event-loop thread's CPU µs per request of each
+    1-worker edgeproxy.
 
     Each round starts with a different contender, so none always runs first (or right after the same
     neighbour); the servers waiting their turn are idle.
     """
     specs = [c for c in plan.contenders if c.name in PAIRED_CONTENDERS and c.name not in skipped]
     if len(specs) < 2:
-        return ()
+        return (), ()
     chosen = dataclasses.replace(scenario("c64"), seconds=PAIRED_SECONDS, requests=10_000_000)
     started: list[Running] = []
     rounds: list[dict[str, float]] = []
+    rounds_loop_us: list[dict[str, float]] = []
     try:
         for spec in specs:
             running = _start(spec, backdrop, skipped)
@@ -340,21 +366,25 @@ def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str]) -> t
                 started.append(running)
         for number in range(plan.rounds):
             shift = number % len(started)
-            rps = {}
+            rps, loop_us = {}, {}
             for running in started[shift:] + started[:shift]:
-                rps[running.spec.name] = measure(running, chosen, backdrop).result.rps
+                done = measure(running, chosen, backdrop)
+                rps[running.spec.name] = done.result.rps
+                if done.loop_us_per_request is not None:
+                    loop_us[running.spec.name] = done.loop_us_per_request
                 # Its last log batch lands now, not in the next contender's window: the double's
                 # insert of it too, which runs in another process.
                 _wait_until_idle(running.pid)
                 if running.spec.logs == "clickhouse" and backdrop.clickhouse_pid is not None:
                     _wait_until_idle(backdrop.clickhouse_pid)
             rounds.append(rps)
+            rounds_loop_us.append(loop_us)
             print(f"round {number + 1}/{plan.rounds}: " + ", ".join(f"{k} {v:.0f}" for k, v in rps.items()),
                   file=sys.stderr)
     finally:
         for running in started:
             running.stop()
-    return tuple(rounds)
+    return tuple(rounds), tuple(rounds_loop_us)
 
 
 def _wait_until_idle(pid: int, timeout: float = 5.0, step: float = 0.25) -> None:
@@ -505,6 +535,7 @@ def render_markdown(report: RunReport) -> str:
             lines += ["", f"## {chosen.name}: {chosen.description}", "", *_scenario_table(report, chosen, rows)]
     if report.rounds:
         lines += ["", "## c64 in interleaved rounds", "", *_rounds_table(report.rounds)]
+        lines += _loop_cpu_lines(report.rounds_loop_us)
     if report.soaks:
         lines += ["", "## Memory under sustained load", ""]
         lines += [(f"- `{soak.contender}` ({_soak_memory(soak)}) under c64 for {soak.result.seconds:.0f} s: "
@@ -559,6 +590,20 @@ def _rounds_table(rounds: Sequence[dict[str, float]]) -> list[str]:
         cells += [_ratio(r[a], r[b]) if a in r and b in r else "-" for a, b in pairs]
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+def _loop_cpu_lines(rounds_loop_us: Sequence[dict[str, float]]) -> list[str]:
+    """The event-loop thread's CPU per request over the same rounds: the logging cost, less noisy than req/s."""
+    medians = {name: statistics.median(values) for name in PAIRED_CONTENDERS
+               if (values := [r[name] for r in rounds_loop_us if name in r])}
+    if not medians:
+        return []
+    base = medians.get(GATEWAY)
+    parts = [f"{name} {us:.0f} µs" + (f" ({us / base - 1:+.1%})" if base and name != GATEWAY else "")
+             for name, us in medians.items()]
+    return ["", ("Event-loop thread CPU per request in the same rounds (median): " + ", ".join(parts) + ". "
+                 "It leaves out the log writer's thread, the embedded engine's threads and the ClickHouse "
+                 "double's process, and moves far less from round to round than req/s.")]
 
 
 def _ratio(value: float, base: float) -> str:

@@ -191,6 +191,11 @@ def cpu_seconds(root_pid: int) -> float:
     return total
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time used so far by one process's main thread (its task whose id is the pid)."""
+    return stat_cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat").read_text())
+
+
 def stat_cpu_seconds(stat: str) -> float:
     """User plus system CPU seconds from the text of a `/proc/<pid>/stat` (or `…/task/<tid>/stat`)."""
     fields = stat[stat.rindex(")") + 2 :].split()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from bench.contenders import (
     Backdrop,
     ContenderSpec,
     cpu_seconds,
+    main_thread_cpu_seconds,
     render_nginx_conf,
     rss_bytes,
     start,
@@ -140,11 +143,32 @@ def test_contenders_run_from_a_separate_load_process(tmp_path: Path) -> None:
                 assert done.result.completed == 6, (spec.name, done.result.error_kinds)
                 assert done.result.events_per_stream is not None and done.result.events_per_stream >= 7
                 assert done.rss.samples and done.rss.peak_mb > 1 and done.client_cpu_s > 0
+                if spec.kind == "edgeproxy":
+                    assert done.loop_cpu_s is not None and 0 < done.loop_cpu_s <= done.server_cpu_s
+                else:
+                    assert done.loop_cpu_s is None
             finally:
                 running.stop()
             assert running.process is None or running.process.exited() is not None
     finally:
         mock.stop()
+
+
+def test_main_thread_cpu_counts_the_main_thread_only() -> None:
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    before = main_thread_cpu_seconds(os.getpid())
+    side = threading.Thread(target=spin, args=(0.3,))
+    side.start()
+    side.join()
+    after_side = main_thread_cpu_seconds(os.getpid())
+    spin(0.3)
+    after_main = main_thread_cpu_seconds(os.getpid())
+    assert after_side - before < 0.15  # the other thread's 0.3 s is not the main thread's
+    assert after_main - after_side > 0.2
 
 
 def _stats(p50: float, p99: float) -> Stats:
@@ -216,7 +240,12 @@ def test_interleaved_rounds_decide_the_throughput_ratios() -> None:
         {"nginx": 2800.0, "edgeproxy-1w": 1000.0, "edgeproxy-1w-clickhouse": 930.0},
         {"edgeproxy-1w": 1100.0, "edgeproxy-1w-clickhouse": 1050.0, "nginx": 3100.0},
     )
-    report = dataclasses.replace(_report(single_pass), rounds=rounds)
+    loop_us = (
+        {"edgeproxy-1w": 200.0, "edgeproxy-1w-clickhouse": 212.0},
+        {"edgeproxy-1w": 210.0, "edgeproxy-1w-clickhouse": 230.0},
+        {"edgeproxy-1w": 190.0, "edgeproxy-1w-clickhouse": 209.0},
+    )
+    report = dataclasses.replace(_report(single_pass), rounds=rounds, rounds_loop_us=loop_us)
     verdicts = {check.target: check for check in check_targets(report)}
     # Median of the per-round ratios (0.30, 0.357…, 0.354…), not the ratio of medians nor the single pass.
     assert verdicts["throughput (c64) within 3× of nginx"] == Check(
@@ -229,6 +258,8 @@ def test_interleaved_rounds_decide_the_throughput_ratios() -> None:
     header = next(line for line in text.splitlines() if line.startswith("| round |"))
     assert header.endswith("| edgeproxy-1w ÷ nginx | edgeproxy-1w-clickhouse ÷ edgeproxy-1w |")
     assert "| 3 | 3100 | 1100 | 1050 | 0.35 | 0.95 |" in text
+    # Medians per contender (200 and 212 µs), the logging one against log off.
+    assert "(median): edgeproxy-1w 200 µs, edgeproxy-1w-clickhouse 212 µs (+6.0%)." in text
 
 
 def test_rounds_run_by_default_only_in_a_full_run_with_c64() -> None:
