@@ -144,7 +144,8 @@ def test_contenders_run_from_a_separate_load_process(tmp_path: Path) -> None:
                 assert done.result.events_per_stream is not None and done.result.events_per_stream >= 7
                 assert done.rss.samples and done.rss.peak_mb > 1 and done.client_cpu_s > 0
                 if spec.kind == "edgeproxy":
-                    assert done.loop_cpu_s is not None and 0 < done.loop_cpu_s <= done.server_cpu_s
+                    # A part of the process's CPU; both count in clock ticks, so a tiny run may read 0.
+                    assert done.loop_cpu_s is not None and 0 <= done.loop_cpu_s <= done.server_cpu_s + 0.02
                 else:
                     assert done.loop_cpu_s is None
             finally:
@@ -249,9 +250,9 @@ def test_interleaved_rounds_decide_the_throughput_ratios() -> None:
     verdicts = {check.target: check for check in check_targets(report)}
     # Median of the per-round ratios (0.30, 0.357…, 0.354…), not the ratio of medians nor the single pass.
     assert verdicts["throughput (c64) within 3× of nginx"] == Check(
-        "throughput (c64) within 3× of nginx", "0.35× (median of 3 interleaved rounds, 0.30–0.36)", True)
+        "throughput (c64) within 3× of nginx", "0.355× (median of 3 interleaved rounds, 0.30–0.36)", True)
     logging = verdicts["throughput (c64) with logging on (clickhouse) within 10% of off"]
-    assert logging.ok is True and logging.measured.startswith("0.94× (median of 3 interleaved rounds")
+    assert logging.ok is True and logging.measured.startswith("0.944× (median of 3 interleaved rounds")
     assert verdicts["throughput (c64) with logging on (embedded) within 10% of off"].ok is None
     text = render_markdown(report)
     assert "## c64 in interleaved rounds" in text
