@@ -35,6 +35,7 @@ from edgeproxy.logs.migrate import (
 from edgeproxy.logs.record import COLUMNS, LogRecord
 from edgeproxy.logs.store import LogStore, open_log_store
 from edgeproxy.settings import LogSettings, ServerSettings, Settings
+from tests.conftest import wait_until
 
 # The module, not the function `edgeproxy.logs` exports under the same name.
 migrate_module = importlib.import_module("edgeproxy.logs.migrate")
@@ -237,11 +238,7 @@ async def test_inserted_rows_are_freed_without_the_cycle_collector(store: LogSto
         # collector's next pass, and under load such batches were what set the collector off.
         # The executor's work item holds the call's arguments until its thread moves on, a moment
         # after the await returns; with the collector off, only reference counting can free them.
-        for _ in range(1000):
-            if alive() is None:
-                break
-            await asyncio.sleep(0.001)
-        assert alive() is None
+        await wait_until(lambda: alive() is None, timeout=1.0, interval=0.001)
     finally:
         gc.enable()
 
