@@ -12,7 +12,7 @@ import pytest
 
 from edgeproxy.auth import KeyGrant, KeyIssuer
 from edgeproxy.completion import assemble_stream, sse_payloads
-from edgeproxy.policy import REDACTED, OutputGuard
+from edgeproxy.output_guard import REDACTED, OutputGuard
 from edgeproxy.settings import AuthSettings
 
 from .conftest import GatewayFactory
