@@ -243,6 +243,17 @@ async def test_inserted_rows_are_freed_without_the_cycle_collector(store: LogSto
         gc.enable()
 
 
+async def test_a_batch_of_many_blocks_lands_whole(store: LogStore) -> None:
+    await migrate(store)
+    # clickhouse-connect sends an insert as Native blocks of ~2 MB, each compressed on its own:
+    # 10 000 rows with 1 KB bodies make five blocks. A server that reads only the first frame of
+    # the body (lz4's one-shot decoder) kept ~2000 of them and answered 200.
+    rows = [full_record(response_body="y" * 1000).to_row() for _ in range(10_000)]
+    await store.insert(rows)
+    [counts] = await store.query(f"SELECT count() AS n, uniqExact(request_id) AS ids FROM {store.qualified}")
+    assert counts == {"n": 10_000, "ids": 10_000}
+
+
 async def test_query_binds_parameters(store: LogStore) -> None:
     await migrate(store)
     records = [full_record(app_id=f"app-{n % 3}", cost_usd=n * 0.5) for n in range(9)]
