@@ -39,6 +39,7 @@ from .contenders import (
     Running,
     Unavailable,
     cpu_seconds,
+    log_completeness,
     main_thread_cpu_seconds,
     rss_bytes,
     start,
@@ -173,6 +174,16 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class LogCount:
+    """A logging edgeproxy's requests against the rows its log held before it stopped."""
+
+    contender: str
+    phase: str  # "scenarios", "rounds" or "soak": each is a gateway of its own
+    served: int
+    stored: int
+
+
+@dataclass(frozen=True)
 class RunReport:
     date: str
     quick: bool
@@ -187,6 +198,7 @@ class RunReport:
     rounds: Rounds = ()
     # The same rounds: each maps a 1-worker edgeproxy to its event-loop thread's CPU µs per request.
     rounds_loop_us: Rounds = ()
+    log_counts: tuple[LogCount, ...] = ()
 
     def find(self, contender: str, scenario_name: str) -> Measurement | None:
         return next((m for m in self.measurements if m.contender == contender and m.scenario == scenario_name), None)
@@ -286,6 +298,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
     soaks: tuple[Measurement, ...] = ()
     rounds: Rounds = ()
     rounds_loop_us: Rounds = ()
+    log_counts: list[LogCount] = []
     try:
         if any(c.logs == "clickhouse" for c in plan.contenders) or plan.soak_seconds > 0:
             try:
@@ -307,11 +320,11 @@ def run(plan: Plan, scratch: Path) -> RunReport:
                     row = format_table([done.result], [f"{spec.name} {chosen.name}"]).splitlines()[2]
                     print(f"{row}  ({time.monotonic() - began:.1f} s)", file=sys.stderr)
             finally:
-                running.stop()
+                _stop(running, "scenarios", log_counts)
         if plan.rounds > 0:
-            rounds, rounds_loop_us = _paired_rounds(plan, backdrop, skipped)
+            rounds, rounds_loop_us = _paired_rounds(plan, backdrop, skipped, log_counts)
         if plan.soak_seconds > 0:
-            measured = [_soak(spec, plan, backdrop, skipped) for spec in SOAK_CONTENDERS]
+            measured = [_soak(spec, plan, backdrop, skipped, log_counts) for spec in SOAK_CONTENDERS]
             soaks = tuple(soak for soak in measured if soak is not None)
     finally:
         if clickhouse is not None:
@@ -329,6 +342,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
         skipped=skipped,
         rounds=rounds,
         rounds_loop_us=rounds_loop_us,
+        log_counts=tuple(log_counts),
     )
 
 
@@ -344,7 +358,22 @@ def _start(spec: ContenderSpec, backdrop: Backdrop, skipped: dict[str, str]) -> 
         return None
 
 
-def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str]) -> tuple[Rounds, Rounds]:
+def _stop(running: Running, phase: str, log_counts: list[LogCount]) -> None:
+    """Stop a contender; a logging edgeproxy first has its log rows counted against its requests."""
+    try:
+        if running.spec.kind == "edgeproxy" and running.spec.logs != "off" and running.process is not None \
+                and running.process.exited() is None:
+            try:
+                served, stored = log_completeness(running.url)
+                log_counts.append(LogCount(running.spec.name, phase, served, stored))
+            except OSError as exc:
+                print(f"could not count {running.spec.name}'s log rows: {exc}", file=sys.stderr)
+    finally:
+        running.stop()
+
+
+def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
+                   log_counts: list[LogCount]) -> tuple[Rounds, Rounds]:
     """c64 on each paired contender in turn, `plan.rounds` times, all started at once.
 
     Returns req/s per round, and per round the event-loop thread's CPU µs per request of each
@@ -384,7 +413,7 @@ def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str]) -> t
                   file=sys.stderr)
     finally:
         for running in started:
-            running.stop()
+            _stop(running, "rounds", log_counts)
     return tuple(rounds), tuple(rounds_loop_us)
 
 
@@ -405,7 +434,8 @@ def _soak_memory(soak: Measurement) -> str:
     return SOAK_MEMORY[next(spec.logs for spec in SOAK_CONTENDERS if spec.name == soak.contender)]
 
 
-def _soak(spec: ContenderSpec, plan: Plan, backdrop: Backdrop, skipped: dict[str, str]) -> Measurement | None:
+def _soak(spec: ContenderSpec, plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
+          log_counts: list[LogCount]) -> Measurement | None:
     running = _start(spec, backdrop, skipped)
     if running is None:
         return None
@@ -415,7 +445,7 @@ def _soak(spec: ContenderSpec, plan: Plan, backdrop: Backdrop, skipped: dict[str
     try:
         done = measure(running, chosen, backdrop)
     finally:
-        running.stop()
+        _stop(running, "soak", log_counts)
     print(f"soak {spec.name} {plan.soak_seconds:g}s: RSS {done.rss.describe()}", file=sys.stderr)
     return done
 
@@ -489,12 +519,25 @@ def check_targets(report: RunReport) -> list[Check]:
         measured = report.throughput_ratio(name, GATEWAY)
         checks.append(Check(target, "not measured", None) if measured is None
                       else Check(target, measured[1], measured[0] >= 0.9))
+    checks.append(_log_count_check(report.log_counts))
     if not report.soaks:
         checks.append(Check("RSS flat (±10%) at full load", "not measured", None))
     for soak in report.soaks:
         checks.append(Check(f"RSS flat (±10%) over {soak.result.seconds:.0f} s at full load (c64), "
                             f"{_soak_memory(soak)}", soak.rss.describe(), abs(soak.rss.drift) <= 0.10))
     return checks
+
+
+def _log_count_check(counts: Sequence[LogCount]) -> Check:
+    """Not a target of its own but the logging figures' premise: a log that lost rows did less work."""
+    target = "every request logged (rows in the store = requests served), each logging gateway"
+    if not counts:
+        return Check(target, "not measured", None)
+    short = [c for c in counts if c.stored < c.served]
+    served = sum(c.served for c in counts)
+    if not short:
+        return Check(target, f"{served} of {served} requests in {len(counts)} gateways", True)
+    return Check(target, "; ".join(f"{c.contender} ({c.phase}): {c.stored} of {c.served}" for c in short), False)
 
 
 def _ratio_check(report: RunReport, peer: str, target: str, good: Callable[[float], bool]) -> Check:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from .loadgen import SCENARIOS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +140,37 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
             return bool(response.status == 200)
     except (OSError, urllib.error.URLError):
         return False
+
+
+def log_completeness(url: str, timeout: float = 20.0) -> tuple[int, int]:
+    """(requests an edgeproxy finished, rows its request log holds), once they match or `timeout` passes.
+
+    Read through the gateway itself: the requests from its Prometheus counter, the rows from its
+    admin API (loopback needs no key), so it works for the embedded store and a server alike. A
+    store that answers 200 and keeps fewer rows shows here and nowhere else.
+    """
+    served = requests_served(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/admin/v1/usage?group_by=model", timeout=10) as response:
+                stored = int(json.load(response)["totals"]["requests"])
+        except urllib.error.HTTPError as exc:
+            # 503 while the store is not ready yet (its table is created in the background).
+            if exc.code != 503 or time.monotonic() > deadline:
+                raise
+            stored = -1
+        if stored >= served or time.monotonic() > deadline:
+            return served, stored
+        time.sleep(0.25)
+
+
+def requests_served(url: str) -> int:
+    """The sum of an edgeproxy's `edgeproxy_requests_total` over every label, from its `/metrics`."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    return round(sum(sample.value for family in families if family.name == "edgeproxy_requests"
+                     for sample in family.samples if sample.name == "edgeproxy_requests_total"))
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ from bench import log_insert
 from bench.compare import (
     DEFAULT_ROUNDS,
     Check,
+    LogCount,
     Measurement,
     Plan,
     RunReport,
@@ -35,6 +36,7 @@ from bench.contenders import (
     Backdrop,
     ContenderSpec,
     cpu_seconds,
+    log_completeness,
     main_thread_cpu_seconds,
     render_nginx_conf,
     rss_bytes,
@@ -155,6 +157,21 @@ def test_contenders_run_from_a_separate_load_process(tmp_path: Path) -> None:
         mock.stop()
 
 
+def test_log_completeness_reads_requests_and_stored_rows_through_the_gateway(tmp_path: Path) -> None:
+    mock, mock_url = start_mock(tmp_path)
+    try:
+        running = start(ContenderSpec("edgeproxy-1w-embedded", "edgeproxy", logs="embedded"),
+                        Backdrop(mock_url, mock.pid, None, tmp_path))
+        try:
+            done = measure(running, Scenario("c1", 1, 12, 20, warmup=2), Backdrop(mock_url, mock.pid, None, tmp_path))
+            assert done.result.completed == 12
+            assert log_completeness(running.url) == (14, 14)  # the warm-up requests are logged too
+        finally:
+            running.stop()
+    finally:
+        mock.stop()
+
+
 def test_main_thread_cpu_counts_the_main_thread_only() -> None:
     def spin(seconds: float) -> None:
         end = time.thread_time() + seconds
@@ -214,6 +231,18 @@ def test_targets_compare_the_gateway_with_peers_of_the_same_run() -> None:
     rss = {c.target.rsplit(", ", 1)[1]: c.ok for c in verdicts.values() if c.target.startswith("RSS flat")}
     assert rss == {"embedded log store on: gateway and chDB engine": True,
                    "log to the ClickHouse double: the gateway alone": False}
+
+
+def test_every_logging_gateway_must_have_logged_every_request() -> None:
+    target = "every request logged (rows in the store = requests served), each logging gateway"
+    whole = (LogCount("edgeproxy-1w-embedded", "rounds", 5000, 5000), LogCount("edgeproxy-1w-soak", "soak", 700, 700))
+    verdicts = {c.target: c for c in check_targets(dataclasses.replace(_report([]), log_counts=whole))}
+    assert verdicts[target] == Check(target, "5700 of 5700 requests in 2 gateways", True)
+    # A store that answered 200 and kept the first block of each insert only.
+    short = (*whole, LogCount("edgeproxy-1w-clickhouse", "rounds", 5000, 4096))
+    verdicts = {c.target: c for c in check_targets(dataclasses.replace(_report([]), log_counts=short))}
+    assert verdicts[target] == Check(target, "edgeproxy-1w-clickhouse (rounds): 4096 of 5000", False)
+    assert {c.target: c for c in check_targets(_report([]))}[target].ok is None
 
 
 def test_markdown_has_ratios_against_direct_and_each_peer() -> None:
