@@ -284,6 +284,20 @@ async def test_replays_never_double_count(store: LogStore) -> None:
     assert counts == {"final": 5, "unique": 5}
 
 
+async def test_a_block_is_not_collapsed_at_insert_but_counts_once(store: LogStore) -> None:
+    await migrate(store)
+    row = full_record().to_row()
+    # The insert skips ReplacingMergeTree's collapse within the block (optimize_on_insert = 0):
+    # a batch holds each request once, so that pass only cost CPU. A repeat, as a replay brings,
+    # lands as stored and is counted once by FINAL and uniqExact, as across batches.
+    await store.insert([row, row])
+    [counts] = await store.query(
+        f"SELECT count() AS stored, uniqExact(request_id) AS unique, "
+        f"(SELECT count() FROM {store.qualified} FINAL) AS final FROM {store.qualified}"
+    )
+    assert counts == {"stored": 2, "unique": 1, "final": 1}
+
+
 async def test_ttl_follows_settings(store: LogStore) -> None:
     await migrate(store, ttl_days=0)
     assert " TTL " not in await _engine_full(store)
