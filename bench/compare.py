@@ -366,7 +366,7 @@ def _stop(running: Running, phase: str, log_counts: list[LogCount]) -> None:
             try:
                 served, stored = log_completeness(running.url)
                 log_counts.append(LogCount(running.spec.name, phase, served, stored))
-            except OSError as exc:
+            except (OSError, ValueError, KeyError) as exc:  # no answer, or not the one expected
                 print(f"could not count {running.spec.name}'s log rows: {exc}", file=sys.stderr)
     finally:
         running.stop()
