@@ -160,10 +160,10 @@ def test_contenders_run_from_a_separate_load_process(tmp_path: Path) -> None:
 def test_log_completeness_reads_requests_and_stored_rows_through_the_gateway(tmp_path: Path) -> None:
     mock, mock_url = start_mock(tmp_path)
     try:
-        running = start(ContenderSpec("edgeproxy-1w-embedded", "edgeproxy", logs="embedded"),
-                        Backdrop(mock_url, mock.pid, None, tmp_path))
+        backdrop = Backdrop(mock_url, mock.pid, None, tmp_path)
+        running = start(ContenderSpec("edgeproxy-1w-embedded", "edgeproxy", logs="embedded"), backdrop)
         try:
-            done = measure(running, Scenario("c1", 1, 12, 20, warmup=2), Backdrop(mock_url, mock.pid, None, tmp_path))
+            done = measure(running, Scenario("c1", 1, 12, 20, warmup=2), backdrop)
             assert done.result.completed == 12
             assert log_completeness(running.url) == (14, 14)  # the warm-up requests are logged too
         finally:

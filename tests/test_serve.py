@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import re
 import uuid
 from functools import partial
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from bench.contenders import requests_served
 from bench.mock_upstream import MockUpstream
 from edgeproxy.serve import GC_YOUNG_THRESHOLD, tune_collector
 
@@ -19,7 +19,6 @@ from .conftest import wait_until
 from .gateway_process import GatewayProcess, rows_in_folder
 
 REQUESTS = 200
-REQUESTS_TOTAL = re.compile(r"^edgeproxy_requests_total\{[^}]*\} (\S+)$", re.MULTILINE)
 
 
 async def send(url: str, count: int, concurrency: int = 16) -> list[str]:
@@ -41,12 +40,9 @@ async def send(url: str, count: int, concurrency: int = 16) -> list[str]:
     return ids
 
 
-async def requests_counted(url: str) -> float:
+async def requests_counted(url: str) -> int:
     """edgeproxy_requests_total summed over its labels, as one scrape (on a new connection) reports it."""
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session, session.get(url + "/metrics") as response:
-        text = await response.text()
-    return sum(float(value) for value in REQUESTS_TOTAL.findall(text))
+    return await asyncio.to_thread(requests_served, url)
 
 
 async def test_workers_log_into_the_masters_embedded_store_and_share_metrics(mock: MockUpstream, tmp_path: Path) -> None:
