@@ -9,7 +9,7 @@ PORT ?= 8787
 MOCK_PORT ?= 9999
 PYTEST_ARGS ?=
 
-.PHONY: run demo test reliability bench install install-test services browser lint constraints clean help
+.PHONY: run demo test reliability bench install install-test services browser load-client lint constraints clean help
 
 help:
 	@echo "make run          run the gateway on embedded defaults (http://$(HOST):$(PORT)/v1)"
@@ -60,7 +60,11 @@ services:
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-test: install-test services browser
+# wrk, the C load generator of `bench.compare --client wrk`, whose tests run it against the mock.
+load-client:
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+
+test: install-test services browser load-client
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 reliability: install-test services

@@ -27,10 +27,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
+from . import wrk
 from .contenders import (
     ROOT,
     Backdrop,
@@ -39,6 +40,7 @@ from .contenders import (
     Running,
     Unavailable,
     cpu_seconds,
+    debian_binary,
     log_completeness,
     main_thread_cpu_seconds,
     rss_bytes,
@@ -96,6 +98,8 @@ class Plan:
     soak_seconds: float
     quick: bool
     rounds: int = 0
+    # "wrk": the throughput scenarios, rounds and soaks on wrk (bench/wrk.py); "loadgen": all on bench.loadgen.
+    client: Literal["loadgen", "wrk"] = "loadgen"
 
     def scenarios_for(self, spec: ContenderSpec) -> list[Scenario]:
         """Only gateways cache; `direct` runs the cache scenario too, as the cost of going upstream."""
@@ -241,16 +245,31 @@ def build_plan(args: argparse.Namespace) -> Plan:
     rounds = args.rounds if args.rounds is not None else (0 if args.quick else DEFAULT_ROUNDS)
     if not any(s.name == "c64" for s in chosen):
         rounds = 0
-    return Plan(contenders, tuple(chosen), soak, args.quick, rounds)
+    return Plan(contenders, tuple(chosen), soak, args.quick, rounds, args.client)
 
 
 def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measurement:
     """Drive one scenario from a separate load process while sampling the contender's memory and CPU."""
-    command = [
-        sys.executable, "-m", "bench.loadgen", "--url", running.url, "--scenario", chosen.name,
-        "--requests", str(chosen.requests), "--seconds", str(chosen.seconds),
-        "--concurrency", str(chosen.concurrency), "--warmup", str(chosen.warmup), "--json",
-    ]
+    read: Callable[[bytes], LoadResult]
+    if backdrop.wrk is not None and wrk.drives(chosen):
+        script = backdrop.scratch / f"wrk-{chosen.name}.lua"
+        script.write_text(wrk.script(chosen))
+        # wrk has no warm-up of its own: an untimed run first, before the CPU figures start.
+        subprocess.run(wrk.command(backdrop.wrk, running.url, chosen, script, wrk.WARMUP_SECONDS),
+                       capture_output=True, check=False, timeout=120)
+        command = wrk.command(backdrop.wrk, running.url, chosen, script, chosen.seconds)
+
+        def read(out: bytes) -> LoadResult:
+            return wrk.parse(out.decode(errors="replace"), chosen, running.url)
+    else:
+        command = [
+            sys.executable, "-m", "bench.loadgen", "--url", running.url, "--scenario", chosen.name,
+            "--requests", str(chosen.requests), "--seconds", str(chosen.seconds),
+            "--concurrency", str(chosen.concurrency), "--warmup", str(chosen.warmup), "--json",
+        ]
+
+        def read(out: bytes) -> LoadResult:
+            return LoadResult.from_json(orjson.loads(out))
     single_loop = running.spec.kind == "edgeproxy" and running.spec.workers == 1
     loop_before = main_thread_cpu_seconds(running.pid) if single_loop else 0.0
     server_before = cpu_seconds(running.pid)
@@ -268,7 +287,7 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
     out, err = load.communicate()
     client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if load.returncode != 0:
-        raise RuntimeError(f"loadgen failed ({load.returncode}): {err.decode()[-2000:]}")
+        raise RuntimeError(f"{command[0]} failed ({load.returncode}): {err.decode()[-2000:]}")
     samples.append((time.monotonic() - started, rss_bytes(running.pid)))
     server = cpu_seconds(running.pid) - server_before
     loop = main_thread_cpu_seconds(running.pid) - loop_before if single_loop else None
@@ -277,7 +296,7 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
     return Measurement(
         contender=running.spec.name,
         scenario=chosen.name,
-        result=LoadResult.from_json(orjson.loads(out)),
+        result=read(out),
         rss=Trace(tuple(samples)),
         server_cpu_s=server,
         mock_cpu_s=None if running.pid == backdrop.mock_pid else mock,
@@ -305,7 +324,8 @@ def run(plan: Plan, scratch: Path) -> RunReport:
                 clickhouse, clickhouse_url = start_clickhouse(scratch)
             except Unavailable as exc:
                 print(f"clickhouse double unavailable: {exc}", file=sys.stderr)
-        backdrop = Backdrop(mock_url, mock.pid, clickhouse_url, scratch, clickhouse.pid if clickhouse else None)
+        backdrop = Backdrop(mock_url, mock.pid, clickhouse_url, scratch, clickhouse.pid if clickhouse else None,
+                            wrk=_find_wrk(skipped, versions) if plan.client == "wrk" else None)
         for spec in plan.contenders:
             running = _start(spec, backdrop, skipped)
             if running is None:
@@ -344,6 +364,18 @@ def run(plan: Plan, scratch: Path) -> RunReport:
         rounds_loop_us=rounds_loop_us,
         log_counts=tuple(log_counts),
     )
+
+
+def _find_wrk(skipped: dict[str, str], versions: dict[str, str]) -> str | None:
+    """wrk for the throughput scenarios; without it bench.loadgen runs them, and the report says so."""
+    try:
+        binary = debian_binary("wrk")
+    except Unavailable as exc:
+        skipped["wrk"] = f"{exc}; bench.loadgen ran every scenario instead"
+        print(f"wrk unavailable: {exc}", file=sys.stderr)
+        return None
+    versions["wrk"] = wrk.version(binary)
+    return binary
 
 
 def _start(spec: ContenderSpec, backdrop: Backdrop, skipped: dict[str, str]) -> Running | None:
@@ -462,7 +494,8 @@ def profile(plan: Plan, scratch: Path, names: Sequence[str], spec: ContenderSpec
         clickhouse_url = None
         if spec.logs == "clickhouse":
             clickhouse, clickhouse_url = start_clickhouse(scratch)
-        backdrop = Backdrop(mock_url, mock.pid, clickhouse_url, scratch)
+        backdrop = Backdrop(mock_url, mock.pid, clickhouse_url, scratch,
+                            wrk=_find_wrk({}, {}) if plan.client == "wrk" else None)
         running = start(spec, backdrop)
         try:
             for name in names:
@@ -561,6 +594,7 @@ def render_markdown(report: RunReport) -> str:
          f"{machine.get('kernel')}, Python {machine.get('python')}."),
         ("- Load generator, mock provider and contender share those cores, each in its own process: "
          "throughput is that of a saturated machine, not of the contender alone."),
+        _clients_line(report),
         (f"- Load average before / after: {_load(report.load_before)} / {_load(report.load_after)}"
          " (other jobs on the machine add noise; compare ratios within this run, not across runs)."),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report.versions.items())) + ".",
@@ -591,6 +625,15 @@ def render_markdown(report: RunReport) -> str:
         lines += ["", "## Skipped", ""]
         lines += [f"- **{name}**: {reason}" for name, reason in report.skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def _clients_line(report: RunReport) -> str:
+    if "wrk" not in report.versions:
+        return "- Client: `bench.loadgen` (Python, aiohttp on uvloop) for every scenario."
+    throughput = ", ".join(s.name for s in SCENARIOS if wrk.drives(s))
+    return (f"- Clients: wrk {report.versions['wrk']} (C, one thread) for {throughput}, the interleaved rounds and "
+            "the soaks; `bench.loadgen` (Python, aiohttp on uvloop) for the rest, which need concurrency 1 or "
+            "per-event timing.")
 
 
 def _scenario_table(report: RunReport, chosen: Scenario, rows: list[Measurement]) -> list[str]:
@@ -773,6 +816,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int,
                         help=f"interleaved c64 rounds of {', '.join(PAIRED_CONTENDERS)} for the throughput "
                              f"ratios (default {DEFAULT_ROUNDS}, 0 with --quick)")
+    parser.add_argument("--client", choices=("loadgen", "wrk"), default="loadgen",
+                        help="what drives c64, cache-hit, the rounds and the soaks: bench.loadgen (Python, the "
+                             "default) or wrk (C, far less CPU per request: see bench/README.md)")
     parser.add_argument("--no-write", action="store_true", help="print the report, leave bench/RESULTS.md alone")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (servers' logs)")
     args = parser.parse_args(argv)

@@ -62,6 +62,8 @@ class Backdrop:
     clickhouse_url: str | None
     scratch: Path
     clickhouse_pid: int | None = None
+    # The C client for the throughput scenarios (bench/wrk.py); None: bench.loadgen runs them too.
+    wrk: str | None = None
 
 
 class Process:
@@ -349,22 +351,28 @@ def _output(command: Sequence[str]) -> str:
     return (done.stdout or done.stderr).strip()
 
 
-def nginx_binary() -> str:
-    """Debian's nginx, installed with apt-get when missing (the system service is never used)."""
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if found:
-        return found
+def debian_binary(package: str) -> str:
+    """The binary of a Debian package of the same name, installed with apt-get when missing.
+
+    Debian puts some in /usr/sbin, outside a non-root PATH; a package's system service, if it
+    brings one, is never used: our servers run from their own prefixes.
+    """
+    def found() -> str | None:
+        return shutil.which(package) or (f"/usr/sbin/{package}" if Path(f"/usr/sbin/{package}").exists() else None)
+
+    binary = found()
+    if binary:
+        return binary
     if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise Unavailable("nginx is not installed and cannot be installed here (needs root and apt-get)")
-    # We never touch the system service the package may bring; our nginx runs from its own prefix.
+        raise Unavailable(f"{package} is not installed and cannot be installed here (needs root and apt-get)")
     install = subprocess.run(
-        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx",
+        f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package}",
         shell=True, capture_output=True, text=True, check=False,
     )
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if install.returncode != 0 or not found:
-        raise Unavailable(f"apt-get install nginx failed: {install.stderr.strip()[-500:]}")
-    return found
+    binary = found()
+    if install.returncode != 0 or not binary:
+        raise Unavailable(f"apt-get install {package} failed: {install.stderr.strip()[-500:]}")
+    return binary
 
 
 def render_nginx_conf(prefix: Path, port: int, upstream: str, workers: int) -> str:
@@ -375,7 +383,7 @@ def render_nginx_conf(prefix: Path, port: int, upstream: str, workers: int) -> s
 
 
 def _nginx(spec: ContenderSpec, backdrop: Backdrop) -> Running:
-    binary = nginx_binary()
+    binary = debian_binary("nginx")
     prefix = backdrop.scratch / spec.name
     prefix.mkdir(parents=True, exist_ok=True)
     # nginx's workers drop to an unprivileged user and must reach their temp folders under the prefix.

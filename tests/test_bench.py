@@ -294,7 +294,8 @@ def test_interleaved_rounds_decide_the_throughput_ratios() -> None:
 
 def test_rounds_run_by_default_only_in_a_full_run_with_c64() -> None:
     def plan(*argv: str) -> Plan:
-        parser_args = {"quick": False, "soak": None, "only": None, "scenarios": None, "rounds": None}
+        parser_args = {"quick": False, "soak": None, "only": None, "scenarios": None, "rounds": None,
+                       "client": "loadgen"}
         for flag, value in zip(argv[::2], argv[1::2], strict=True):
             parser_args[flag] = value
         return build_plan(argparse.Namespace(**parser_args))
@@ -303,6 +304,7 @@ def test_rounds_run_by_default_only_in_a_full_run_with_c64() -> None:
     assert plan("quick", True).rounds == 0
     assert plan("scenarios", "c1,stream-c1").rounds == 0
     assert plan("quick", True, "rounds", 2).rounds == 2
+    assert (plan().client, plan("client", "wrk").client) == ("loadgen", "wrk")
 
 
 @pytest.mark.parametrize(
