@@ -49,11 +49,11 @@ def drives(scenario: Scenario) -> bool:
 
 def script(scenario: Scenario) -> str:
     """The Lua script sending the scenario's request (the same body and headers as the Python client)."""
-    lines = ['wrk.method = "POST"', f"wrk.body = {_lua_string(scenario.body().decode())}"]
+    lines = ['wrk.method = "POST"', f"wrk.body = {lua_literal(scenario.body().decode())}"]
     # The spaces matter: "[[[" would open a long string in Lua.
-    lines += [f"wrk.headers[ {_lua_string(name)} ] = {_lua_string(value)}"
+    lines += [f"wrk.headers[ {lua_literal(name)} ] = {lua_literal(value)}"
               for name, value in scenario.headers().items()]
-    lines.append(f"MARKER = {_lua_string(MARKER)}")
+    lines.append(f"MARKER = {lua_literal(MARKER)}")
     return "\n".join(lines) + "\n" + _DONE
 
 
@@ -107,7 +107,7 @@ def version(binary: str) -> str:
     return match.group(1) if match else "unknown"
 
 
-def _lua_string(text: str) -> str:
+def lua_literal(text: str) -> str:
     """A Lua long-bracket literal holding `text` verbatim (no escapes to get wrong)."""
     level = 0
     # The first closing bracket of this level must be the one appended (text ending in "]" counts).

@@ -82,7 +82,7 @@ def test_parse_reads_the_summary_line_among_wrks_own_output() -> None:
 def test_lua_literals_hold_any_text(wrk_binary: str, tmp_path: Path, text: str) -> None:
     """The body and headers go into the script verbatim: checked by wrk's own Lua, which echoes them back."""
     script = tmp_path / "echo.lua"
-    literal = wrk._lua_string(text)
+    literal = wrk.lua_literal(text)
     script.write_text(f"io.write({literal})\nos.exit(0)\n")
     done = subprocess.run([wrk_binary, "-s", str(script), "http://127.0.0.1:9/"], capture_output=True, text=True,
                           check=False,
