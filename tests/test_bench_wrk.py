@@ -51,7 +51,7 @@ async def test_wrk_sends_the_scenarios_request_and_counts_what_came_back(
     assert first.headers["Authorization"] == "Bearer sk-bench"
     assert result.latency is not None
     assert 0 < result.latency.p50 <= result.latency.p90 <= result.latency.p99 <= result.latency.max
-    assert 0.9 <= result.seconds <= 1.5
+    assert 0.9 <= result.seconds <= 3.0  # wrk's own clock, from its summary
 
 
 async def test_wrk_counts_error_responses_as_errors_not_throughput(
