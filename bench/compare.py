@@ -42,11 +42,13 @@ from .contenders import (
     cpu_seconds,
     debian_binary,
     log_completeness,
+    machine_ticks,
     main_thread_cpu_seconds,
     rss_bytes,
     start,
     start_clickhouse,
     start_mock,
+    steal_share,
 )
 from .loadgen import SCENARIOS, LoadResult, Scenario, Stats, format_table, scenario
 
@@ -161,6 +163,9 @@ class Measurement:
     # The event-loop thread's share of server_cpu_s, for a 1-worker edgeproxy (None otherwise): its
     # writer and engine threads run beside it, and the loop's figure moves far less than req/s.
     loop_cpu_s: float | None = None
+    # The share of the machine's CPU time the hypervisor gave to other guests meanwhile (/proc/stat):
+    # on a shared VM, the noise no figure here can correct for.
+    steal: float | None = None
 
     @property
     def cpu_us_per_request(self) -> float | None:
@@ -202,6 +207,8 @@ class RunReport:
     rounds: Rounds = ()
     # The same rounds: each maps a 1-worker edgeproxy to its event-loop thread's CPU µs per request.
     rounds_loop_us: Rounds = ()
+    # The same rounds: each maps a contender to the machine's steal share during its window.
+    rounds_steal: Rounds = ()
     log_counts: tuple[LogCount, ...] = ()
 
     def find(self, contender: str, scenario_name: str) -> Measurement | None:
@@ -275,6 +282,7 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
     server_before = cpu_seconds(running.pid)
     mock_before = cpu_seconds(backdrop.mock_pid)
     client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ticks_before = machine_ticks()
     started = time.monotonic()
     load = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     samples: list[tuple[float, int]] = []
@@ -286,6 +294,7 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
         time.sleep(SAMPLE_SECONDS)
     out, err = load.communicate()
     client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    steal = steal_share(ticks_before, machine_ticks())
     if load.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({load.returncode}): {err.decode()[-2000:]}")
     samples.append((time.monotonic() - started, rss_bytes(running.pid)))
@@ -302,6 +311,7 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
         mock_cpu_s=None if running.pid == backdrop.mock_pid else mock,
         client_cpu_s=client,
         loop_cpu_s=loop,
+        steal=steal,
     )
 
 
@@ -317,6 +327,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
     soaks: tuple[Measurement, ...] = ()
     rounds: Rounds = ()
     rounds_loop_us: Rounds = ()
+    rounds_steal: Rounds = ()
     log_counts: list[LogCount] = []
     try:
         if any(c.logs == "clickhouse" for c in plan.contenders) or plan.soak_seconds > 0:
@@ -342,7 +353,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
             finally:
                 _stop(running, "scenarios", log_counts)
         if plan.rounds > 0:
-            rounds, rounds_loop_us = _paired_rounds(plan, backdrop, skipped, log_counts)
+            rounds, rounds_loop_us, rounds_steal = _paired_rounds(plan, backdrop, skipped, log_counts)
         if plan.soak_seconds > 0:
             measured = [_soak(spec, plan, backdrop, skipped, log_counts) for spec in SOAK_CONTENDERS]
             soaks = tuple(soak for soak in measured if soak is not None)
@@ -362,6 +373,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
         skipped=skipped,
         rounds=rounds,
         rounds_loop_us=rounds_loop_us,
+        rounds_steal=rounds_steal,
         log_counts=tuple(log_counts),
     )
 
@@ -405,22 +417,23 @@ def _stop(running: Running, phase: str, log_counts: list[LogCount]) -> None:
 
 
 def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
-                   log_counts: list[LogCount]) -> tuple[Rounds, Rounds]:
+                   log_counts: list[LogCount]) -> tuple[Rounds, Rounds, Rounds]:
     """c64 on each paired contender in turn, `plan.rounds` times, all started at once.
 
-    Returns req/s per round, and per round the event-loop thread's CPU µs per request of each
-    1-worker edgeproxy.
+    Returns req/s per round; per round the event-loop thread's CPU µs per request of each
+    1-worker edgeproxy; and per round the machine's steal share during each contender's window.
 
     Each round starts with a different contender, so none always runs first (or right after the same
     neighbour); the servers waiting their turn are idle.
     """
     specs = [c for c in plan.contenders if c.name in PAIRED_CONTENDERS and c.name not in skipped]
     if len(specs) < 2:
-        return (), ()
+        return (), (), ()
     chosen = dataclasses.replace(scenario("c64"), seconds=PAIRED_SECONDS, requests=10_000_000)
     started: list[Running] = []
     rounds: list[dict[str, float]] = []
     rounds_loop_us: list[dict[str, float]] = []
+    rounds_steal: list[dict[str, float]] = []
     try:
         for spec in specs:
             running = _start(spec, backdrop, skipped)
@@ -428,12 +441,14 @@ def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
                 started.append(running)
         for number in range(plan.rounds):
             shift = number % len(started)
-            rps, loop_us = {}, {}
+            rps, loop_us, steal = {}, {}, {}
             for running in started[shift:] + started[:shift]:
                 done = measure(running, chosen, backdrop)
                 rps[running.spec.name] = done.result.rps
                 if done.loop_us_per_request is not None:
                     loop_us[running.spec.name] = done.loop_us_per_request
+                if done.steal is not None:
+                    steal[running.spec.name] = done.steal
                 # Its last log batch lands now, not in the next contender's window: the double's
                 # insert of it too, which runs in another process.
                 _wait_until_idle(running.pid)
@@ -441,12 +456,13 @@ def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
                     _wait_until_idle(backdrop.clickhouse_pid)
             rounds.append(rps)
             rounds_loop_us.append(loop_us)
+            rounds_steal.append(steal)
             print(f"round {number + 1}/{plan.rounds}: " + ", ".join(f"{k} {v:.0f}" for k, v in rps.items()),
                   file=sys.stderr)
     finally:
         for running in started:
             _stop(running, "rounds", log_counts)
-    return tuple(rounds), tuple(rounds_loop_us)
+    return tuple(rounds), tuple(rounds_loop_us), tuple(rounds_steal)
 
 
 def _wait_until_idle(pid: int, timeout: float = 5.0, step: float = 0.25) -> None:
@@ -612,12 +628,13 @@ def render_markdown(report: RunReport) -> str:
         if rows:
             lines += ["", f"## {chosen.name}: {chosen.description}", "", *_scenario_table(report, chosen, rows)]
     if report.rounds:
-        lines += ["", "## c64 in interleaved rounds", "", *_rounds_table(report.rounds)]
+        lines += ["", "## c64 in interleaved rounds", "", *_rounds_table(report.rounds, report.rounds_steal)]
         lines += _loop_cpu_lines(report.rounds_loop_us)
     if report.soaks:
         lines += ["", "## Memory under sustained load", ""]
         lines += [(f"- `{soak.contender}` ({_soak_memory(soak)}) under c64 for {soak.result.seconds:.0f} s: "
-                   f"{soak.result.rps:.0f} req/s, {soak.result.errors} errors; RSS {soak.rss.describe()}.")
+                   f"{soak.result.rps:.0f} req/s, {soak.result.errors} errors; RSS {soak.rss.describe()}"
+                   + ("." if soak.steal is None else f"; steal {soak.steal:.1%}."))
                   for soak in report.soaks]
         lines += ["", ("Start is the median of the first samples after the first fifth of the run (warm-up), "
                        "end the median of the last three; `--soak 300` runs the 5-minute check.")]
@@ -663,18 +680,25 @@ def _scenario_table(report: RunReport, chosen: Scenario, rows: list[Measurement]
     return out
 
 
-def _rounds_table(rounds: Sequence[dict[str, float]]) -> list[str]:
+def _rounds_table(rounds: Sequence[dict[str, float]], steal: Sequence[dict[str, float]] = ()) -> list[str]:
     names = [name for name in PAIRED_CONTENDERS if any(name in r for r in rounds)]
     pairs = [(GATEWAY, "nginx"), *((name, GATEWAY) for name in LOGGING_ON)]
     pairs = [(a, b) for a, b in pairs if a in names and b in names]
     head = ["round", *(f"{name} req/s" for name in names), *(f"{a} ÷ {b}" for a, b in pairs)]
+    if steal:
+        head.append("steal % of the windows")
     out = [(f"{len(rounds)} rounds of c64 for {PAIRED_SECONDS:g} s per contender, all started at once and "
             "measured one after another, a different one first each round. Targets on throughput ratios "
-            "read the median of the per-round ratios below."), "",
+            "read the median of the per-round ratios below."
+            + (" Steal is the share of the machine's CPU time the hypervisor gave to other guests during "
+               "the round's windows (/proc/stat): noise that moves a window's req/s." if steal else "")), "",
            "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for number, r in enumerate(rounds, 1):
         cells = [str(number), *(f"{r[name]:.0f}" if name in r else "-" for name in names)]
         cells += [_ratio(r[a], r[b]) if a in r and b in r else "-" for a, b in pairs]
+        if steal:
+            shares = list(steal[number - 1].values()) if number <= len(steal) else []
+            cells.append(f"{100 * min(shares):.1f}–{100 * max(shares):.1f}" if shares else "-")
         out.append("| " + " | ".join(cells) + " |")
     return out
 

@@ -237,6 +237,24 @@ def stat_cpu_seconds(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(stolen, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    return stat_steal_ticks(Path("/proc/stat").read_text())
+
+
+def stat_steal_ticks(stat: str) -> tuple[int, int]:
+    """(steal, total) from the text of /proc/stat: its first line sums every CPU."""
+    # cpu  user nice system idle iowait irq softirq steal guest guest_nice; guest time is in user already.
+    fields = [int(value) for value in stat.splitlines()[0].split()[1:9]]
+    return fields[7], sum(fields)
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time between two `machine_ticks()` that the hypervisor gave elsewhere."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else None
+
+
 def _child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_") and k != "OPENAI_API_KEY"}
     # Anything that tries the network goes to a closed loopback port instead of leaving the machine.

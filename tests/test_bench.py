@@ -37,11 +37,14 @@ from bench.contenders import (
     ContenderSpec,
     cpu_seconds,
     log_completeness,
+    machine_ticks,
     main_thread_cpu_seconds,
     render_nginx_conf,
     rss_bytes,
     start,
     start_mock,
+    stat_steal_ticks,
+    steal_share,
 )
 from bench.loadgen import LoadResult, Scenario, Stats, percentile, run_load
 from bench.mock_upstream import MockUpstream
@@ -145,6 +148,7 @@ def test_contenders_run_from_a_separate_load_process(tmp_path: Path) -> None:
                 assert done.result.completed == 6, (spec.name, done.result.error_kinds)
                 assert done.result.events_per_stream is not None and done.result.events_per_stream >= 7
                 assert done.rss.samples and done.rss.peak_mb > 1 and done.client_cpu_s > 0
+                assert done.steal is not None and 0 <= done.steal < 1
                 if spec.kind == "edgeproxy":
                     # A part of the process's CPU; both count in clock ticks, so a tiny run may read 0.
                     assert done.loop_cpu_s is not None and 0 <= done.loop_cpu_s <= done.server_cpu_s + 0.02
@@ -290,6 +294,25 @@ def test_interleaved_rounds_decide_the_throughput_ratios() -> None:
     assert "| 3 | 3100 | 1100 | 1050 | 0.35 | 0.95 |" in text
     # Medians per contender (200 and 212 µs), the logging one against log off.
     assert "(median): edgeproxy-1w 200 µs, edgeproxy-1w-clickhouse 212 µs (+6.0%)." in text
+    assert "steal" not in header  # no column for rounds that did not read it
+
+    steal = ({"nginx": 0.01, "edgeproxy-1w": 0.125}, {}, {"edgeproxy-1w": 0.02})
+    text = render_markdown(dataclasses.replace(report, rounds_steal=steal))
+    header = next(line for line in text.splitlines() if line.startswith("| round |"))
+    assert header.endswith("| edgeproxy-1w-clickhouse ÷ edgeproxy-1w | steal % of the windows |")
+    assert "| 1 | 3000 | 900 | 850 | 0.30 | 0.94 | 1.0–12.5 |" in text
+    assert "| 2 | 2800 | 1000 | 930 | 0.36 | 0.93 | - |" in text
+    assert "| 3 | 3100 | 1100 | 1050 | 0.35 | 0.95 | 2.0–2.0 |" in text
+
+
+def test_steal_is_the_hypervisors_share_of_the_machines_cpu_time() -> None:
+    before = stat_steal_ticks("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+    after = stat_steal_ticks("cpu  150 0 70 900 10 0 0 70 5 0\ncpu0 75 0 35 450 5 0 0 35 5 0\n")
+    assert (before, after) == ((40, 1000), (70, 1200))  # guest time is in user already: not added twice
+    assert steal_share(before, after) == pytest.approx(30 / 200)
+    assert steal_share(after, after) is None
+    stolen, total = machine_ticks()
+    assert 0 <= stolen <= total and total > 0
 
 
 def test_rounds_run_by_default_only_in_a_full_run_with_c64() -> None:
