@@ -282,7 +282,7 @@ class Forwarder:
         await client.prepare(ex.request)
         stall = self._settings.timeouts.idle
         try:
-            ex.usage_tail = await relay(ex, response, client, stall)
+            ex.usage_tail = await relay(ex, response, client, stall, self._settings.timeouts.idle)
         except (TimeoutError, *_CONNECTION_ERRORS) as exc:
             transport = ex.request.transport
             if transport is None or transport.is_closing():
