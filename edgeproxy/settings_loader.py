@@ -165,6 +165,10 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"target name {name!r} may hold only letters, digits, - and _")
     if s.server.workers < 1:
         raise SettingsError("server.workers must be at least 1")
+    for f in dataclasses.fields(s.timeouts):
+        # 0 would not mean "no limit": the relay and the client-stall check would cut at once.
+        if not getattr(s.timeouts, f.name) > 0:
+            raise SettingsError(f"timeouts.{f.name} must be a positive number of seconds")
     if not 0 <= s.server.port < 65536:
         raise SettingsError("server.port must be 0..65535")
     if s.auth.algorithm not in ("HS256", "RS256", "EdDSA"):

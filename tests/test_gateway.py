@@ -202,6 +202,35 @@ async def test_upstream_down_is_502_and_timeout_504(mock, start_gateway: Gateway
         assert time.perf_counter() - started < 2
 
 
+async def test_the_wait_for_the_head_ends_at_the_shorter_of_first_byte_and_idle(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits: list[float | None] = []
+    timeout = asyncio.timeout
+
+    def counting(delay: float | None) -> asyncio.Timeout:
+        limits.append(delay)
+        return timeout(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", counting)
+    idle_first = await start_gateway("[timeouts]\nfirst_byte = 5\nidle = 0.3\n")
+    first_byte_first = await start_gateway("[timeouts]\nfirst_byte = 0.3\nidle = 5\n")
+    async with aiohttp.ClientSession() as session:
+        for gateway, first_byte, own_timer in ((idle_first, 5, False), (first_byte_first, 0.3, True)):
+            limits.clear()
+            started = time.perf_counter()
+            async with session.post(
+                gateway.base_url + "/chat/completions", json=CHAT, headers={"X-Mock-Delay-Ms": "3000"}
+            ) as response:
+                error = (await response.json())["error"]
+            assert response.status == 504 and error["code"] == "upstream_timeout"
+            assert "no response within 0.3s" in error["message"]
+            assert 0.3 <= time.perf_counter() - started < 2
+            # aiohttp's read timer (idle) already bounds the head: a timer of the gateway's own only
+            # for a shorter first_byte.
+            assert (first_byte in limits) is own_timer, limits
+
+
 async def test_mid_stream_failure_ends_with_error_event(gateway: RunningGateway) -> None:
     arrivals = await raw_stream(gateway.base_url, {**CHAT, "stream": True}, {"X-Mock-Chunks": "10", "X-Mock-Fail-After": "2"})
     text = b"".join(c for _, c in arrivals)

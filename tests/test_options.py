@@ -55,3 +55,11 @@ def test_a_configured_base_url_without_a_host_or_with_a_query_or_fragment_is_ref
     config.write_text(f'[targets.local]\nbase_url = "{base_url}"\n')
     with pytest.raises(SettingsError, match="targets.local.base_url"):
         load_settings(config, env={})
+
+
+@pytest.mark.parametrize("line", ["idle = 0", "first_byte = -1", "total = 0.0", "connect = 0"])
+def test_a_timeout_that_is_not_positive_is_refused_by_name(tmp_path: Path, line: str) -> None:
+    config = tmp_path / "edgeproxy.toml"
+    config.write_text(f"[timeouts]\n{line}\n")
+    with pytest.raises(SettingsError, match=f"timeouts.{line.split()[0]} must be a positive number of seconds"):
+        load_settings(config, env={})
