@@ -39,6 +39,7 @@ from .contenders import (
     Process,
     Running,
     Unavailable,
+    command_output,
     cpu_seconds,
     debian_binary,
     log_completeness,
@@ -386,7 +387,7 @@ def _find_wrk(skipped: dict[str, str], versions: dict[str, str]) -> str | None:
         skipped["wrk"] = f"{exc}; bench.loadgen ran every scenario instead"
         print(f"wrk unavailable: {exc}", file=sys.stderr)
         return None
-    versions["wrk"] = wrk.version(binary)
+    versions["wrk"] = wrk.version(command_output([binary, "-v"]))
     return binary
 
 
@@ -680,7 +681,7 @@ def _scenario_table(report: RunReport, chosen: Scenario, rows: list[Measurement]
     return out
 
 
-def _rounds_table(rounds: Sequence[dict[str, float]], steal: Sequence[dict[str, float]] = ()) -> list[str]:
+def _rounds_table(rounds: Sequence[dict[str, float]], steal: Sequence[dict[str, float]]) -> list[str]:
     names = [name for name in PAIRED_CONTENDERS if any(name in r for r in rounds)]
     pairs = [(GATEWAY, "nginx"), *((name, GATEWAY) for name in LOGGING_ON)]
     pairs = [(a, b) for a, b in pairs if a in names and b in names]

@@ -354,13 +354,13 @@ def edgeproxy_version() -> str:
         release = version("edgeproxy")
     except PackageNotFoundError:  # not installed as a package: the source tree is still runnable
         release = "source"
-    commit = _output(["git", "rev-parse", "--short", "HEAD"])
-    dirty = _output(["git", "status", "--porcelain", "edgeproxy"])
+    commit = command_output(["git", "rev-parse", "--short", "HEAD"])
+    dirty = command_output(["git", "status", "--porcelain", "edgeproxy"])
     suffix = "+uncommitted" if dirty else ""
     return f"{release} ({commit or 'no git'}{suffix})"
 
 
-def _output(command: Sequence[str]) -> str:
+def command_output(command: Sequence[str]) -> str:
     """What a short command printed (stdout, else stderr), stripped; "" when it cannot run."""
     try:
         done = subprocess.run(list(command), cwd=ROOT, capture_output=True, text=True, check=False, timeout=30)
@@ -414,7 +414,7 @@ def _nginx(spec: ContenderSpec, backdrop: Backdrop) -> Running:
     proc = Process(spec.name, command, prefix / "nginx.out", env=_child_env())
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/v1/models", time.monotonic() + START_SECONDS)
-    version = _output([binary, "-v"]).removeprefix("nginx version: nginx/")
+    version = command_output([binary, "-v"]).removeprefix("nginx version: nginx/")
     return Running(spec, url, proc, version, proc.pid)
 
 
@@ -460,5 +460,5 @@ def _litellm(spec: ContenderSpec, backdrop: Backdrop) -> Running:
     proc = Process(spec.name, command, folder / "litellm.log", env=env, cwd=folder)
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/health/liveliness", time.monotonic() + START_SECONDS)
-    version = _output([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"])
+    version = command_output([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"])
     return Running(spec, url, proc, version or "unknown", proc.pid)

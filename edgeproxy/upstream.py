@@ -227,7 +227,6 @@ class Forwarder:
         session = self._upstreams.session(target)
         ex.upstream_sent = time.perf_counter()
         timeouts = self._settings.timeouts
-        head_limit = min(timeouts.first_byte, timeouts.idle)  # both positive (settings_loader)
         # Once the request is sent, aiohttp's sock_read (= idle) bounds the wait for the head; a
         # timer of our own (asyncio.timeout: 7.7 µs a request on a slow CPU) only for a shorter first_byte.
         limit = asyncio.timeout(timeouts.first_byte) if timeouts.first_byte < timeouts.idle else _NO_LIMIT
@@ -239,7 +238,8 @@ class Forwarder:
         except TimeoutError:
             raise GatewayError(
                 504,
-                f"Upstream {target.name} sent no response within {head_limit:g}s",
+                # The shorter limit ended the wait (both are positive: settings_loader).
+                f"Upstream {target.name} sent no response within {min(timeouts.first_byte, timeouts.idle):g}s",
                 type="upstream_error",
                 code="upstream_timeout",
             ) from None
@@ -289,7 +289,8 @@ class Forwarder:
         await client.prepare(ex.request)
         stall = self._settings.timeouts.idle
         try:
-            ex.usage_tail = await relay(ex, response, client, stall, self._settings.timeouts.idle)
+            # One setting bounds both a client that accepts nothing and an upstream that sends nothing.
+            ex.usage_tail = await relay(ex, response, client, stall_seconds=stall, idle_seconds=stall)
         except (TimeoutError, *_CONNECTION_ERRORS) as exc:
             transport = ex.request.transport
             if transport is None or transport.is_closing():

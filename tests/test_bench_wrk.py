@@ -11,7 +11,7 @@ import pytest
 
 from bench import wrk
 from bench.compare import measure
-from bench.contenders import Backdrop, ContenderSpec, debian_binary, start, start_mock
+from bench.contenders import Backdrop, ContenderSpec, command_output, debian_binary, start, start_mock
 from bench.loadgen import SCENARIOS, LoadResult, Scenario, scenario
 from bench.mock_upstream import MockUpstream
 
@@ -105,3 +105,9 @@ def test_measure_runs_throughput_scenarios_on_wrk_when_the_backdrop_has_it(wrk_b
             running.stop()
     finally:
         mock.stop()
+
+
+def test_version_reads_the_first_line_wrk_prints(wrk_binary: str) -> None:
+    assert wrk.version("wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer\nUsage: wrk") == "4.1.0"
+    assert wrk.version("") == "unknown"
+    assert wrk.version(command_output([wrk_binary, "-v"]))[0].isdigit()
