@@ -9,7 +9,7 @@ PORT ?= 8787
 MOCK_PORT ?= 9999
 PYTEST_ARGS ?=
 
-.PHONY: run demo test reliability bench install install-test services browser load-client lint constraints clean help
+.PHONY: run demo test reliability bench install install-test services browser bench-tools lint constraints clean help
 
 help:
 	@echo "make run          run the gateway on embedded defaults (http://$(HOST):$(PORT)/v1)"
@@ -60,11 +60,13 @@ services:
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-# wrk, the C load generator of `bench.compare --client wrk`, whose tests run it against the mock.
-load-client:
+# The bench's tools, whose tests run them against the mock: wrk, the C load generator of
+# `bench.compare --client wrk`, and valgrind, whose callgrind counts `bench.instructions`.
+bench-tools:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
 
-test: install-test services browser load-client
+test: install-test services browser bench-tools
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 reliability: install-test services

@@ -255,7 +255,7 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float | None
     return (after[0] - before[0]) / total if total > 0 else None
 
 
-def _child_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_") and k != "OPENAI_API_KEY"}
     # Anything that tries the network goes to a closed loopback port instead of leaving the machine.
     env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", NO_PROXY="127.0.0.1,localhost")
@@ -269,7 +269,7 @@ def _child_env(**extra: str) -> dict[str, str]:
 def start_mock(scratch: Path) -> tuple[Process, str]:
     """The mock provider in its own process; returns it and its base URL."""
     proc = Process("mock", [sys.executable, "-m", "bench.mock_upstream", "--host", "127.0.0.1", "--port", "0"],
-                   scratch / "mock.log", env=_child_env())
+                   scratch / "mock.log", env=child_env())
     url = proc.wait_for_line(r"^(http://127\.0\.0\.1:\d+)$", time.monotonic() + START_SECONDS).group(1)
     proc.wait_http(url + "/v1/models", time.monotonic() + START_SECONDS)
     return proc, url
@@ -282,7 +282,7 @@ def start_clickhouse(scratch: Path) -> tuple[Process, str]:
     if not script.exists():
         raise Unavailable(f"{script} is missing")
     proc = Process("clickhouse", [sys.executable, str(script), "--port", "0", "--data", str(data)],
-                   scratch / "clickhouse.log", env=_child_env())
+                   scratch / "clickhouse.log", env=child_env())
     port = proc.wait_for_line(r"^port (\d+)$", time.monotonic() + START_SECONDS).group(1)
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/ping", time.monotonic() + START_SECONDS)
@@ -341,7 +341,7 @@ def _edgeproxy(spec: ContenderSpec, backdrop: Backdrop) -> Running:
         "--port", str(port), "--upstream", backdrop.mock_url, "--data-dir", str(folder / "data"),
         "--workers", str(spec.workers),
     ]
-    proc = Process(spec.name, command, folder / "edgeproxy.log", env=_child_env(**extra))
+    proc = Process(spec.name, command, folder / "edgeproxy.log", env=child_env(**extra))
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/readyz", time.monotonic() + START_SECONDS)
     return Running(spec, url, proc, edgeproxy_version(), proc.pid)
@@ -411,7 +411,7 @@ def _nginx(spec: ContenderSpec, backdrop: Backdrop) -> Running:
     conf = prefix / "nginx.conf"
     conf.write_text(render_nginx_conf(prefix, port, backdrop.mock_url, spec.workers))
     command = [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
-    proc = Process(spec.name, command, prefix / "nginx.out", env=_child_env())
+    proc = Process(spec.name, command, prefix / "nginx.out", env=child_env())
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/v1/models", time.monotonic() + START_SECONDS)
     version = command_output([binary, "-v"]).removeprefix("nginx version: nginx/")
@@ -456,7 +456,7 @@ def _litellm(spec: ContenderSpec, backdrop: Backdrop) -> Running:
         "--port", str(port), "--num_workers", str(spec.workers), "--telemetry", "False",
     ]
     # LITELLM_LOCAL_MODEL_COST_MAP: otherwise it fetches its price list from the internet at import.
-    env = _child_env(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR", DISABLE_ADMIN_UI="True")
+    env = child_env(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR", DISABLE_ADMIN_UI="True")
     proc = Process(spec.name, command, folder / "litellm.log", env=env, cwd=folder)
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/health/liveliness", time.monotonic() + START_SECONDS)
