@@ -20,6 +20,8 @@ def ask_for_usage(ex: Exchange) -> None:
     """Make an OpenAI-style stream report usage; remember to hide that chunk if the client didn't ask."""
     if ex.route.target.kind == "anthropic" or ex.route.path not in COMPLETION_PATHS:
         return
+    if b'"stream"' not in ex.body and b"\\u" not in ex.body:
+        return  # no stream key, spelled plainly or escaped: not a stream, and no parse on the way upstream
     document = ex.json()
     if document is None or document.get("stream") is not True:
         return

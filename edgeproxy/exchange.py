@@ -139,7 +139,23 @@ class Exchange:
         model = document.get("model") if document else None
         return model if isinstance(model, str) else ""
 
-    def gateway_ms(self) -> float | None:
+    @property
+    def logged_path(self) -> str:
+        """The path the log and metrics name: the routed /v1/… path, or the raw one (capped) if never routed."""
+        return self.route.path or self.request.path[:256]
+
+    def first_byte_seconds(self) -> float | None:
+        """Request received to the first byte sent (or, before that, received from upstream)."""
+        first = self.client_first_byte or self.upstream_first_byte
+        return None if first is None else first - self.started
+
+    def upstream_seconds(self, now: float) -> float | None:
+        """Sent upstream to upstream finished (to `now` if it never finished)."""
+        if self.upstream_sent is None:
+            return None
+        return (self.upstream_done or now) - self.upstream_sent
+
+    def gateway_seconds(self) -> float | None:
         """Time the gateway itself added: before the upstream call, and from upstream to client."""
         if self.upstream_sent is None:
             return None
@@ -147,4 +163,4 @@ class Exchange:
         upstream_ready = self.upstream_first_byte if self.streamed else self.upstream_done
         if self.client_first_byte is not None and upstream_ready is not None:
             added += max(0.0, self.client_first_byte - upstream_ready)
-        return added * 1000.0
+        return added

@@ -9,9 +9,10 @@ every worker's files, whichever worker the scrape reaches.
 Log pipeline: the batcher knows nothing of Prometheus. It exposes a `LogStats`-shaped object
 (cumulative counters plus the current queue depth) and may be handed `observe_log_flush` as a
 plain callback. `Metrics.sync()` copies the stats into ordinary counters (by delta) and a
-gauge. Custom collectors are not aggregated across processes, so every worker runs
-`sync_periodically()` and `render_metrics` syncs once more, making the scraped worker exact
-and the others at most one interval old.
+gauge, and the requests in flight (a plain count on the hot path) into theirs. Custom
+collectors are not aggregated across processes, so every worker runs `sync_periodically()`
+and `render_metrics` syncs once more, making the scraped worker exact and the others at most
+one interval old.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class Metrics:
         self._request_children: dict[tuple[str, ...], _RequestChildren] = {}
         self._log_source: Callable[[], LogStats] | None = None
         self._log_seen = dict.fromkeys(_LOG_COUNTERS, 0)
+        self._in_flight = 0
         self._define(registry)
         self.scrape_registry = registry
         if self.multiprocess_dir:
@@ -218,11 +220,13 @@ class Metrics:
         return children
 
     def request_started(self) -> None:
-        self.in_flight.inc()
+        # A plain count, copied to the gauge by `sync()`: two locked gauge updates a request cost
+        # more than the figure is worth between scrapes, and a scrape syncs first.
+        self._in_flight += 1
 
     def request_finished(self) -> None:
         """Pairs with `request_started`; call it in a `finally`, whatever `observe_request` did."""
-        self.in_flight.dec()
+        self._in_flight -= 1
 
     # --- events counted where they happen ---------------------------------------------------
 
@@ -272,7 +276,9 @@ class Metrics:
         self.log_flush.observe(seconds)
 
     def sync(self) -> None:
-        """Copy the watched log stats into the counters (by delta) and the queue gauge."""
+        """Copy the requests in flight into their gauge, and the watched log stats into the counters
+        (by delta) and the queue gauge."""
+        self.in_flight.set(self._in_flight)
         if self._log_source is None:
             return
         stats = self._log_source()

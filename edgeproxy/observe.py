@@ -90,73 +90,73 @@ class Observe:
         if ex.outcome == "cancelled" and not ex.status:
             ex.status = 499  # nginx's "client closed request": the client left before an answer
         try:
-            record = self.build_record(ex)
+            now = time.perf_counter()
+            cost = self._cost(ex)
+            # Without a log, no record: the metrics read the exchange (a record cost ~30 µs a request).
             if self._sink is not None:
-                self._sink.submit(record)
-            self._count(ex, record)
+                self._sink.submit(self.build_record(ex, now, cost))
+            self._count(ex, now, cost)
         except Exception:
             log.exception("could not record request %s", ex.request_id)
         finally:
             self._metrics.request_finished()
 
-    def _count(self, ex: Exchange, record: LogRecord) -> None:
-        seconds = 0.001
+    def _cost(self, ex: Exchange) -> float | None:
+        """List price of the request, 0 for a cache hit, None when unknown (no usage, or no price)."""
+        if ex.cache_status == "HIT":
+            return 0.0
+        usage = ex.usage
+        if usage.prompt_tokens is None:
+            return None
+        return self._prices.cost_usd(ex.model, usage.prompt_tokens, usage.completion_tokens or 0, usage.cached_tokens)
+
+    def _count(self, ex: Exchange, now: float, cost: float | None) -> None:
+        usage = ex.usage
         self._metrics.observe_request(
-            target=record.target,
-            model=record.model,
-            endpoint=endpoint_of(record.path),
-            status=record.status,
-            cache=record.cache,
-            outcome=record.outcome,
-            duration_s=record.latency_ms * seconds,
-            ttfb_s=None if record.ttfb_ms is None else record.ttfb_ms * seconds,
-            upstream_s=None if record.upstream_ms is None else record.upstream_ms * seconds,
-            overhead_s=None if record.gateway_ms is None else record.gateway_ms * seconds,
-            prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens,
-            cached_tokens=ex.usage.cached_tokens,
-            cost_usd=record.cost_usd,
-            cost_saved_usd=record.cost_saved_usd,
+            target=ex.route.target.name,
+            model=ex.model,
+            endpoint=endpoint_of(ex.logged_path),
+            status=ex.status,
+            cache=ex.cache_status,
+            outcome=ex.outcome,
+            duration_s=now - ex.started,
+            ttfb_s=ex.first_byte_seconds(),
+            upstream_s=ex.upstream_seconds(now),
+            overhead_s=ex.gateway_seconds(),
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            cost_usd=cost,
+            cost_saved_usd=ex.cost_saved_usd,
         )
 
-    def build_record(self, ex: Exchange) -> LogRecord:
-        now = time.perf_counter()
+    def build_record(self, ex: Exchange, now: float, cost: float | None) -> LogRecord:
         options = ex.options
         document = ex.json() if ex.body else None
         usage = ex.usage
-        cost = None
-        if usage.prompt_tokens is not None and ex.cache_status != "HIT":
-            cost = self._prices.cost_usd(
-                ex.model, usage.prompt_tokens, usage.completion_tokens or 0, usage.cached_tokens
-            )
-        elif ex.cache_status == "HIT":
-            cost = 0.0
-        # Bodies only matter to the log: without one, skip decoding and assembling them.
-        keep_bodies = self._sink is not None
         request_body, request_truncated = (None, False)
-        if keep_bodies and not options.omit_request and ex.body:
+        if not options.omit_request and ex.body:
             request_body, request_truncated = cap_body(ex.body, self._body_max_bytes)
         response_body, response_truncated = (None, False)
-        if keep_bodies and not options.omit_response and (ex.capture.chunks or ex.capture.truncated):
+        if not options.omit_response and (ex.capture.chunks or ex.capture.truncated):
             raw = ex.capture.body()
             if ex.streamed and not ex.capture.truncated:
                 raw = orjson.dumps(assemble_stream(raw))
             response_body, response_truncated = cap_body(raw, self._body_max_bytes)
             response_truncated = response_truncated or ex.capture.truncated
-        upstream_ms = None
-        if ex.upstream_sent is not None:
-            upstream_ms = ((ex.upstream_done or now) - ex.upstream_sent) * 1000.0
-        ttfb = ex.client_first_byte or ex.upstream_first_byte
+        ttfb = ex.first_byte_seconds()
+        upstream = ex.upstream_seconds(now)
+        gateway = ex.gateway_seconds()
         return LogRecord(
             request_id=ex.request_id,
             started_at=ex.started_at,
             latency_ms=(now - ex.started) * 1000.0,
-            ttfb_ms=None if ttfb is None else (ttfb - ex.started) * 1000.0,
-            upstream_ms=upstream_ms,
-            gateway_ms=ex.gateway_ms(),
+            ttfb_ms=None if ttfb is None else ttfb * 1000.0,
+            upstream_ms=None if upstream is None else upstream * 1000.0,
+            gateway_ms=None if gateway is None else gateway * 1000.0,
             status=ex.status,
             method=ex.request.method,
-            path=ex.route.path or ex.request.path[:256],
+            path=ex.logged_path,
             target=ex.route.target.name,
             model=ex.model,
             user_id=ex.identity.user_id or options.user_id,

@@ -25,6 +25,8 @@ HOP_BY_HOP = frozenset(
 )
 # Recomputed or replaced by the gateway on the way upstream.
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
+# Framing and the upstream's server identity are the gateway's own on the way back.
+_NOT_RETURNED = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date"}
 _CREDENTIALS = frozenset({"authorization", "api-key", "x-api-key"})
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -143,8 +145,4 @@ def upstream_headers(target: TargetSettings, client: Mapping[str, str]) -> dict[
 
 def client_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """Upstream response headers safe to pass to the client (framing is the gateway's own)."""
-    return {
-        key: value
-        for key, value in upstream.items()
-        if key.lower() not in HOP_BY_HOP and key.lower() not in ("content-length", "content-encoding", "server", "date")
-    }
+    return {key: value for key, value in upstream.items() if key.lower() not in _NOT_RETURNED}

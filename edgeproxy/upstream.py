@@ -173,7 +173,7 @@ class Forwarder:
         ok, latency = False, None
         try:
             try:
-                response = await self._send(ex, candidate.target, body, candidate.model or ex.model)
+                response = await self._send(ex, candidate.target, body, candidate.model)
             except GatewayError as err:
                 self._metrics.upstream_failed(candidate.target.name, err.code or "error")
                 if not after.follows(None):
@@ -194,9 +194,9 @@ class Forwarder:
 
     def _candidates(self, ex: Exchange) -> list[Candidate]:
         targets = self._settings.targets
-        route = None if ex.route.ad_hoc or ex.route.target.name != self._settings.default_target else (
-            self._router.route_for(ex.model)
-        )
+        # The model (a parse of the body) is read only when routes could apply.
+        routed = bool(self._router.routes) and not ex.route.ad_hoc and ex.route.target.name == self._settings.default_target
+        route = self._router.route_for(ex.model) if routed else None
         if route is None:
             candidates = [Candidate(ex.route.target)]
         else:
@@ -219,10 +219,12 @@ class Forwarder:
         return candidates
 
     async def _send(
-        self, ex: Exchange, target: TargetSettings, body: bytes, model: str
+        self, ex: Exchange, target: TargetSettings, body: bytes, model: str | None
     ) -> aiohttp.ClientResponse:
         request = ex.request
-        url = upstream_url(target, ex.route.path, request.query_string, model)
+        if model is None and target.kind == "azure":
+            model = ex.model  # only Azure's URL names the model: no other target needs the body parsed here
+        url = upstream_url(target, ex.route.path, request.query_string, model or "")
         headers = upstream_headers(target, request.headers)
         session = self._upstreams.session(target)
         ex.upstream_sent = time.perf_counter()
@@ -270,11 +272,15 @@ class Forwarder:
             if ex.response_filter is not None:
                 body = ex.response_filter.whole(body)
             ex.capture.add(body)
-            ex.usage = read_usage(ex, body)
             if ex.status >= 400:
                 ex.outcome = "upstream_error"
             whole = web.Response(status=response.status, body=body, headers=headers)
-            return await self._send_whole(ex, whole, self._settings.timeouts.idle)
+            try:
+                return await self._send_whole(ex, whole, self._settings.timeouts.idle)
+            finally:
+                # Once the answer is on its way, so the client does not wait for it; in a `finally`,
+                # so a client gone mid-send is still charged for what the upstream answered.
+                ex.usage = read_usage(ex, body)
         finally:
             # A body not read to the end closes the connection instead of pooling it (no stale reply
             # can reach the next request), which is also what a cancelled client leaves behind.

@@ -1,10 +1,16 @@
-"""sse_payloads: events found by what they hold, wherever they sit in the captured stream."""
+"""completion: usage asked of streams, and events found by what they hold, wherever they sit in the capture."""
 
 from __future__ import annotations
 
 import orjson
+import pytest
+from aiohttp.test_utils import make_mocked_request
 
-from edgeproxy.completion import sse_payloads
+from edgeproxy.completion import ask_for_usage, sse_payloads
+from edgeproxy.exchange import Exchange
+from edgeproxy.options import RequestOptions
+from edgeproxy.settings import TargetSettings
+from edgeproxy.targets import Route
 
 
 def _event(document: dict) -> bytes:
@@ -29,3 +35,36 @@ def test_payloads_holding_a_needle_are_all_found_once_and_in_order() -> None:
         {"usage": {"last": True}},
     ]
     assert len(list(sse_payloads(raw))) == 53  # without a needle: every well-formed data payload
+
+
+def _chat(body: bytes) -> Exchange:
+    ex = Exchange(make_mocked_request("POST", "/v1/chat/completions"), RequestOptions(request_id="r"), body=body)
+    ex.route = Route(TargetSettings(name="openai", base_url="http://upstream"), "/v1/chat/completions")
+    return ex
+
+
+@pytest.mark.parametrize(
+    ("body", "asked"),
+    [
+        (b'{"model":"m","stream":true}', True),
+        (b'{"model":"m","stream": true, "stream_options": {}}', True),
+        # The key escaped: JSON reads it as "stream", so the body must be parsed to see it.
+        (b'{"model":"m","\\u0073tream":true}', True),
+        (b'{"model":"m","stream":false}', False),
+        (b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}', False),
+        (b'{"model":"m","messages":[{"role":"user","content":"hi"}]}', False),
+    ],
+)
+def test_a_stream_is_asked_for_usage_however_its_key_is_spelled(body: bytes, asked: bool) -> None:
+    ex = _chat(body)
+    ask_for_usage(ex)
+    assert ex.hide_usage_chunk is asked
+    if asked:
+        assert orjson.loads(ex.body)["stream_options"]["include_usage"] is True
+
+
+def test_a_body_without_a_stream_key_is_not_parsed_on_the_way_upstream() -> None:
+    ex = _chat(b'{"model":"m","messages":[{"role":"user","content":"hi"}]}')
+    ask_for_usage(ex)
+    assert ex.hide_usage_chunk is False
+    assert ex._json_parsed is False  # the parse waits for whoever needs it (the metrics, after the answer)

@@ -12,6 +12,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import GatewayFactory, RunningGateway, wait_until
 
@@ -325,3 +326,23 @@ async def test_upstream_cookies_reach_their_client_and_never_a_later_request(moc
             assert response.status == 200
     # The gateway's upstream session is shared by every tenant: it must not replay one's cookie for another.
     assert "Cookie" not in mock.requests[-1].headers
+
+
+async def test_without_a_log_the_metrics_still_count_tokens_cost_and_timings(gateway: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as session:
+        for body in (CHAT, {**CHAT, "stream": True}):
+            async with session.post(gateway.base_url + "/chat/completions", json=body) as response:
+                assert response.status == 200
+                await response.read()
+        async with session.get(gateway.url + "/metrics") as response:
+            families = text_string_to_metric_families(await response.text())
+    found: dict[str, float] = {}
+    for family in families:
+        for sample in family.samples:
+            found[sample.name] = found.get(sample.name, 0.0) + sample.value
+    assert found["edgeproxy_requests_total"] == 2
+    assert found["edgeproxy_prompt_tokens_total"] > 0 and found["edgeproxy_completion_tokens_total"] > 0
+    assert found["edgeproxy_cost_usd_total"] > 0  # mock-* has a (made-up) price
+    for timing in ("time_to_first_byte", "upstream_duration", "gateway_overhead", "request_duration"):
+        assert found[f"edgeproxy_{timing}_seconds_count"] == 2, timing
+    assert found["edgeproxy_requests_in_flight"] == 0
