@@ -3,6 +3,7 @@ so hostile model names or paths cannot grow Prometheus's series without bound.""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from .pricing import PriceTable
@@ -46,6 +47,8 @@ SPARE_VALUES = 32
 _MODEL_MEMO_MAX = 4096
 
 
+# Nearly every request names one of a few paths; a hostile client's new paths only evict.
+@functools.lru_cache(maxsize=1024)
 def endpoint_of(path: str) -> str:
     """The API resource a path names (`/openai/v1/chat/completions` → `chat`), from a fixed set."""
     parts = [part for part in path.split("/") if part]

@@ -46,7 +46,8 @@ GaugeMode = Literal["livesum", "livemax"]
 # Fine enough at the low end to see a 1 ms gateway overhead; long enough for slow completions.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 CIRCUIT_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
-# Past this size the memo of label children is cleared, as the model-label memo is.
+# Past this size the memo of label children is cleared (hostile model names and paths cannot grow
+# it), as the model-label memo is.
 _CHILDREN_MAX = 4096
 
 
@@ -89,7 +90,7 @@ class Metrics:
         self._model_label = ModelLabels(prices, models)
         self._target_label = LabelSet(targets or (), spare=8 if targets is not None else SPARE_VALUES)
         self._free_labels: dict[str, LabelSet] = {}
-        self._request_children: dict[tuple[str, ...], _RequestChildren] = {}
+        self._request_children: dict[tuple[str, str, str, int, str, str], _RequestChildren] = {}
         self._log_source: Callable[[], LogStats] | None = None
         self._log_seen = dict.fromkeys(_LOG_COUNTERS, 0)
         self._in_flight = 0
@@ -163,18 +164,11 @@ class Metrics:
         cost_saved_usd: float | None = None,
     ) -> None:
         """Count one finished request; `cache` is hit or miss (either case), anything else is `off`."""
-        cache = CACHE_LABELS.get(cache, "off")
-        key = (
-            self._target_label(target),
-            self._model_label(model),
-            endpoint if endpoint in ENDPOINTS else OTHER,
-            status_class(status),
-            cache,
-            outcome if outcome in OUTCOMES else OTHER,
-        )
-        children = self._request_children.get(key)
+        # Memoised on the values as given: their labels are worked out once per combination.
+        given = (target, model, endpoint, status, cache, outcome)
+        children = self._request_children.get(given)
         if children is None:
-            children = self._children(key)
+            children = self._children(given)
         children.requests.inc()
         children.duration.observe(duration_s)
         if ttfb_s is not None:
@@ -194,13 +188,23 @@ class Metrics:
                 children.cost.inc(cost_usd)
         elif prompt_tokens is not None:
             children.unpriced.inc()
-        if cache == "hit":
+        if children.cache_hit:
             self.cache_hits.inc()
             if cost_saved_usd is not None and cost_saved_usd > 0:
                 children.cost_saved.inc(cost_saved_usd)
 
-    def _children(self, key: tuple[str, ...]) -> _RequestChildren:
+    def _children(self, given: tuple[str, str, str, int, str, str]) -> _RequestChildren:
+        target, model, endpoint, status, cache, outcome = given
+        key = (
+            self._target_label(target),
+            self._model_label(model),
+            endpoint if endpoint in ENDPOINTS else OTHER,
+            status_class(status),
+            CACHE_LABELS.get(cache, "off"),
+            outcome if outcome in OUTCOMES else OTHER,
+        )
         target, model, endpoint = key[0], key[1], key[2]
+        # prometheus-client keeps one child per label values, so equal labels share these.
         children = _RequestChildren(
             requests=self.requests.labels(*key),
             duration=self.request_duration.labels(target, endpoint),
@@ -213,10 +217,11 @@ class Metrics:
             cost=self.cost.labels(target, model),
             cost_saved=self.cost_saved.labels(target, model),
             unpriced=self.unpriced.labels(model),
+            cache_hit=key[4] == "hit",
         )
         if len(self._request_children) >= _CHILDREN_MAX:
             self._request_children.clear()
-        self._request_children[key] = children
+        self._request_children[given] = children
         return children
 
     def request_started(self) -> None:
@@ -301,7 +306,7 @@ class Metrics:
 
 @dataclass(frozen=True, slots=True)
 class _RequestChildren:
-    """The labelled children one request touches, resolved once per label combination."""
+    """The labelled children one request touches, resolved once per combination of its values."""
 
     requests: Counter
     duration: Histogram
@@ -314,6 +319,7 @@ class _RequestChildren:
     cost: Counter
     cost_saved: Counter
     unpriced: Counter
+    cache_hit: bool
 
 
 def _counter(registry: CollectorRegistry, thing: str, documentation: str, *labels: str) -> Counter:
