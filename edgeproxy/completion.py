@@ -72,11 +72,26 @@ def read_usage(ex: Exchange, response_body: bytes | None) -> Usage:
         if isinstance(document, dict):
             _merge(usage, document.get("usage"))
         return usage
-    raw = ex.usage_tail if ex.capture.truncated else ex.capture.body() + ex.usage_tail
-    if b'"usage"' not in raw:
+    if ex.hide_usage_chunk and not ex.capture.truncated:
+        # The usage event the gateway asked for and hid is in the tail: read it alone first.
+        usage = stream_usage(ex.usage_tail)
+        if usage.prompt_tokens is not None:
+            return usage
+    return stream_usage(ex.usage_tail if ex.capture.truncated else ex.capture.body() + ex.usage_tail)
+
+
+def stream_usage(raw: bytes) -> Usage:
+    """Token usage from a stream's events (OpenAI's final usage chunk, Anthropic's start and delta)."""
+    usage = Usage()
+    # Asked for usage, OpenAI puts `"usage":null` in every event but the last: an object is looked
+    # for first (compact JSON, as OpenAI sends it), any mention only when there is none.
+    for needle in (b'"usage":{', b'"usage"'):
+        if needle in raw:
+            break
+    else:
         return usage
     # Only events that name "usage" can carry it; decoding all ~50 events of a stream to find it cost ~3× more.
-    for payload in sse_payloads(raw, b'"usage"'):
+    for payload in sse_payloads(raw, needle):
         if isinstance(payload, dict):
             _merge(usage, payload.get("usage"))
             message = payload.get("message")
