@@ -20,7 +20,7 @@ def ask_for_usage(ex: Exchange) -> None:
     """Make an OpenAI-style stream report usage; remember to hide that chunk if the client didn't ask."""
     if ex.route.target.kind == "anthropic" or ex.route.path not in COMPLETION_PATHS:
         return
-    if b'"stream"' not in ex.body and b"\\u" not in ex.body:
+    if ex.body.find(b'"stream"') < 0 and ex.body.find(b"\\u") < 0:
         return  # no stream key, spelled plainly or escaped: not a stream, and no parse on the way upstream
     document = ex.json()
     if document is None or document.get("stream") is not True:
@@ -86,7 +86,7 @@ def stream_usage(raw: bytes) -> Usage:
     # Asked for usage, OpenAI puts `"usage":null` in every event but the last: an object is looked
     # for first (compact JSON, as OpenAI sends it), any mention only when there is none.
     for needle in (b'"usage":{', b'"usage"'):
-        if needle in raw:
+        if raw.find(needle) >= 0:
             break
     else:
         return usage

@@ -67,7 +67,8 @@ class OutputGuard:
             if data == b"[DONE]":
                 before += self._release(list(self._held))
                 continue
-            if not self._held and b'"content"' not in data and b'"text"' not in data:
+            # `find`, not `in`: see UsageChunkFilter.feed.
+            if not self._held and data.find(b'"content"') < 0 and data.find(b'"text"') < 0:
                 continue  # no text in it and none held back: pass it on unparsed
             try:
                 payload = orjson.loads(data)

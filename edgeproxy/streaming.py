@@ -14,6 +14,9 @@ from .exchange import Exchange
 # Raw upstream bytes kept past the capture limit, enough to find the final usage event.
 USAGE_TAIL_BYTES = 16 * 1024
 CLIENT_STALLED = "client stopped reading"
+# OpenAI adds it to every chunk once usage is asked for; a client that did not ask never sees it.
+_NULL_USAGE = b',"usage":null'
+_NULL_USAGE_END = _NULL_USAGE + b"}\n\n"
 
 
 class EventBuffer:
@@ -54,18 +57,21 @@ class UsageChunkFilter:
 
     def feed(self, chunk: bytes) -> bytes:
         complete = self._events.complete(chunk)
-        if b'"choices":[]' not in complete:
-            # No usage-only event here (every chunk but the last): dropping the nulls is one C-level
-            # pass (none to drop: the same bytes back), where splitting into events and joining them
-            # back cost ~3 µs per chunk.
-            return complete.replace(b',"usage":null', b"")
+        # `find`, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an int, and
+        # raising and clearing that TypeError cost more than the search (callgrind, per chunk).
+        if complete.find(b'"choices":[]') < 0:
+            # No usage-only event here (every chunk but the last). One event ending in the null, as
+            # OpenAI sends it: cut it off the end; else one C-level pass drops every null (none: the
+            # same bytes back), where splitting into events and joining them back cost ~3 µs a chunk.
+            if complete.endswith(_NULL_USAGE_END) and complete.find(b"\n") == len(complete) - 2:
+                return complete[: -len(_NULL_USAGE_END)] + b"}\n\n"
+            return complete.replace(_NULL_USAGE, b"")
         kept = []
         for event in complete.split(b"\n\n")[:-1]:
-            if b'"choices":[]' in event and b'"usage":{' in event:
+            if event.find(b'"choices":[]') >= 0 and event.find(b'"usage":{') >= 0:
                 self.hidden.append(event)
                 continue
-            # OpenAI adds `"usage":null` to every chunk once usage is requested.
-            kept.append(event.replace(b',"usage":null', b""))
+            kept.append(event.replace(_NULL_USAGE, b""))
         return b"".join(event + b"\n\n" for event in kept)
 
     def flush(self) -> bytes:
