@@ -90,7 +90,7 @@ def read_total(dump: str) -> int:
             found[key] = int(value.split()[0])
     if not found:
         raise ValueError("callgrind dump without a totals or summary line")
-    return found.get("totals", found.get("summary", 0))
+    return found["totals"] if "totals" in found else found["summary"]
 
 
 def count(
@@ -135,14 +135,14 @@ def _wait_for_dump(out: Path, timeout: float = 60.0) -> list[Path]:
     deadline = time.monotonic() + timeout
     while True:
         files = sorted(out.parent.glob(out.name + ".1-*"))
-        if files and all(read_total_or_none(path) is not None for path in files):
+        if files and all(_total_or_none(path) is not None for path in files):
             return files
         if time.monotonic() > deadline:
             raise RuntimeError(f"callgrind wrote no complete dump at {out}.1-*")
         time.sleep(0.2)
 
 
-def read_total_or_none(path: Path) -> int | None:
+def _total_or_none(path: Path) -> int | None:
     try:
         return read_total(path.read_text(errors="replace"))
     except (OSError, ValueError):
