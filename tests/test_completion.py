@@ -6,7 +6,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from edgeproxy.completion import ask_for_usage, sse_payloads
+from edgeproxy.completion import ask_for_usage, read_usage, sse_payloads
 from edgeproxy.exchange import Exchange
 from edgeproxy.options import RequestOptions
 from edgeproxy.settings import TargetSettings
@@ -68,3 +68,36 @@ def test_a_body_without_a_stream_key_is_not_parsed_on_the_way_upstream() -> None
     ask_for_usage(ex)
     assert ex.hide_usage_chunk is False
     assert ex._json_parsed is False  # the parse waits for whoever needs it (the metrics, after the answer)
+
+
+def _streamed(events: list[dict], tail: bytes = b"", hid: bool = False) -> Exchange:
+    ex = _chat(b'{"model":"m","stream":true}')
+    ex.capture.limit = 1 << 20
+    for document in events:
+        ex.capture.add(_event(document))
+    ex.usage_tail, ex.hide_usage_chunk = tail, hid
+    return ex
+
+
+def test_a_streams_usage_comes_from_the_event_the_gateway_hid() -> None:
+    hidden = _event({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 9}})
+    ex = _streamed([{"choices": [{"delta": {"content": "x"}}]}] * 3, tail=hidden, hid=True)
+    usage = read_usage(ex, None)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (4, 9, 13)
+
+
+def test_with_nothing_hidden_the_usage_is_found_in_what_the_client_got() -> None:
+    # A provider that put usage in its last content chunk: nothing was hidden, the capture holds it.
+    last = {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 2, "completion_tokens": 5}}
+    ex = _streamed([{"choices": [{"delta": {"content": "x"}}]}, last], hid=True)
+    assert (read_usage(ex, None).prompt_tokens, read_usage(ex, None).completion_tokens) == (2, 5)
+
+
+@pytest.mark.parametrize("spacing", [b'"usage":{', b'"usage": {'])
+def test_null_usages_are_passed_over_and_the_object_is_read_however_spaced(spacing: bytes) -> None:
+    nulls = [{"choices": [{"delta": {"content": "x"}}], "usage": None}] * 50
+    ex = _streamed(nulls)
+    final = b'data: {"choices":[],' + spacing + b'"prompt_tokens":3,"completion_tokens":50}}\n\n'
+    ex.capture.add(final)
+    usage = read_usage(ex, None)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (3, 50)
