@@ -169,7 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=400, help="requests counted (after a warm-up)")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON instead of a table")
     args = parser.parse_args(argv)
-    scenario(args.scenario)  # an unknown name fails here, before anything starts
+    try:
+        scenario(args.scenario)  # an unknown name fails here, before anything starts
+    except KeyError as exc:
+        parser.error(exc.args[0])
     scratch = Path(tempfile.mkdtemp(prefix="edgeproxy-instructions-"))
     mock, mock_url = start_mock(scratch)
     try:
