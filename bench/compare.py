@@ -92,6 +92,13 @@ Rounds = tuple[dict[str, float], ...]
 # Long enough that the last log batch of a window, which lands after it, is a small share of it.
 PAIRED_SECONDS = 5.0
 DEFAULT_ROUNDS = 7
+# `make bench` must finish within 10 minutes. On a slow machine (9 min 35 s on a 2-core EPYC, LiteLLM
+# alone taking 80 s to start) the default rounds stop early, once the next would not fit with the
+# soaks after it, but never below MIN_ROUNDS. Rounds asked for with --rounds all run.
+RUN_BUDGET_SECONDS = 570.0
+MIN_ROUNDS = 3
+# A soak's start, stop and log check around its measured window, for the budget.
+SOAK_OVERHEAD_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,8 @@ class Plan:
     rounds: int = 0
     # "wrk": the throughput scenarios, rounds and soaks on wrk (bench/wrk.py); "loadgen": all on bench.loadgen.
     client: Literal["loadgen", "wrk"] = "loadgen"
+    # Seconds the whole run may take; the default rounds stop early to keep it (None: no limit).
+    budget_seconds: float | None = None
 
     def scenarios_for(self, spec: ContenderSpec) -> list[Scenario]:
         """Only gateways cache; `direct` runs the cache scenario too, as the cost of going upstream."""
@@ -253,7 +262,19 @@ def build_plan(args: argparse.Namespace) -> Plan:
     rounds = args.rounds if args.rounds is not None else (0 if args.quick else DEFAULT_ROUNDS)
     if not any(s.name == "c64" for s in chosen):
         rounds = 0
-    return Plan(contenders, tuple(chosen), soak, args.quick, rounds, args.client)
+    budget = RUN_BUDGET_SECONDS if args.rounds is None else None
+    return Plan(contenders, tuple(chosen), soak, args.quick, rounds, args.client, budget)
+
+
+def more_rounds(done: int, plan: Plan, elapsed: float, round_seconds: float) -> bool:
+    """Whether another interleaved round runs: the plan's count, cut short when the next round and
+    the soaks after it would overrun the run's budget (never below MIN_ROUNDS)."""
+    if done >= plan.rounds:
+        return False
+    if plan.budget_seconds is None or done < MIN_ROUNDS:
+        return True
+    soaks = len(SOAK_CONTENDERS) * (plan.soak_seconds + SOAK_OVERHEAD_SECONDS) if plan.soak_seconds > 0 else 0.0
+    return elapsed + round_seconds + soaks <= plan.budget_seconds
 
 
 def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measurement:
@@ -318,6 +339,7 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
 
 def run(plan: Plan, scratch: Path) -> RunReport:
     """Start the backdrop, then each contender in turn; a contender that cannot start is skipped, with why."""
+    run_started = time.monotonic()
     load_before = os.getloadavg()
     mock, mock_url = start_mock(scratch)
     clickhouse: Process | None = None
@@ -354,7 +376,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
             finally:
                 _stop(running, "scenarios", log_counts)
         if plan.rounds > 0:
-            rounds, rounds_loop_us, rounds_steal = _paired_rounds(plan, backdrop, skipped, log_counts)
+            rounds, rounds_loop_us, rounds_steal = _paired_rounds(plan, backdrop, skipped, log_counts, run_started)
         if plan.soak_seconds > 0:
             measured = [_soak(spec, plan, backdrop, skipped, log_counts) for spec in SOAK_CONTENDERS]
             soaks = tuple(soak for soak in measured if soak is not None)
@@ -418,8 +440,8 @@ def _stop(running: Running, phase: str, log_counts: list[LogCount]) -> None:
 
 
 def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
-                   log_counts: list[LogCount]) -> tuple[Rounds, Rounds, Rounds]:
-    """c64 on each paired contender in turn, `plan.rounds` times, all started at once.
+                   log_counts: list[LogCount], run_started: float) -> tuple[Rounds, Rounds, Rounds]:
+    """c64 on each paired contender in turn, `plan.rounds` times (fewer if the budget says so), all started at once.
 
     Returns req/s per round; per round the event-loop thread's CPU µs per request of each
     1-worker edgeproxy; and per round the machine's steal share during each contender's window.
@@ -440,7 +462,9 @@ def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
             running = _start(spec, backdrop, skipped)
             if running is not None:
                 started.append(running)
-        for number in range(plan.rounds):
+        number, round_seconds = 0, 0.0
+        while more_rounds(number, plan, time.monotonic() - run_started, round_seconds):
+            began = time.monotonic()
             shift = number % len(started)
             rps, loop_us, steal = {}, {}, {}
             for running in started[shift:] + started[:shift]:
@@ -459,6 +483,10 @@ def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
             rounds_loop_us.append(loop_us)
             rounds_steal.append(steal)
             print(f"round {number + 1}/{plan.rounds}: " + ", ".join(f"{k} {v:.0f}" for k, v in rps.items()),
+                  file=sys.stderr)
+            number, round_seconds = number + 1, time.monotonic() - began
+        if number < plan.rounds:
+            print(f"rounds stopped at {number} of {plan.rounds}: the run's {plan.budget_seconds:g} s budget",
                   file=sys.stderr)
     finally:
         for running in started:

@@ -18,6 +18,8 @@ import pytest
 from bench import log_insert
 from bench.compare import (
     DEFAULT_ROUNDS,
+    MIN_ROUNDS,
+    RUN_BUDGET_SECONDS,
     Check,
     LogCount,
     Measurement,
@@ -28,6 +30,7 @@ from bench.compare import (
     build_plan,
     check_targets,
     measure,
+    more_rounds,
     parse_stacks,
     profile_summary,
     render_markdown,
@@ -328,6 +331,26 @@ def test_rounds_run_by_default_only_in_a_full_run_with_c64() -> None:
     assert plan("scenarios", "c1,stream-c1").rounds == 0
     assert plan("quick", True, "rounds", 2).rounds == 2
     assert (plan().client, plan("client", "wrk").client) == ("loadgen", "wrk")
+    # The default rounds keep to the run's budget; rounds asked for by number all run.
+    assert (plan().budget_seconds, plan("rounds", 7).budget_seconds) == (RUN_BUDGET_SECONDS, None)
+
+
+@pytest.mark.parametrize(
+    ("done", "elapsed", "budget", "more"),
+    [
+        (0, 1000.0, 570.0, True),  # over the budget already: still the minimum of rounds
+        (MIN_ROUNDS - 1, 1000.0, 570.0, True),
+        (MIN_ROUNDS, 400.0, 570.0, True),  # 400 + 30 for the round + 2 × (20 + 15) for the soaks = 500
+        (MIN_ROUNDS, 480.0, 570.0, False),  # 480 + 30 + 70 = 580: the soaks would overrun
+        (MIN_ROUNDS, 480.0, None, True),  # no budget: the count alone
+        (DEFAULT_ROUNDS, 0.0, 570.0, False),  # the count is reached
+    ],
+)
+def test_default_rounds_stop_early_when_the_rest_would_overrun_the_budget(
+    done: int, elapsed: float, budget: float | None, more: bool
+) -> None:
+    plan = Plan((), (), soak_seconds=20.0, quick=False, rounds=DEFAULT_ROUNDS, budget_seconds=budget)
+    assert more_rounds(done, plan, elapsed, round_seconds=30.0) is more
 
 
 @pytest.mark.parametrize(
