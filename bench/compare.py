@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import orjson
 
-from . import wrk
+from . import loadgen, wrk
 from .contenders import (
     ROOT,
     Backdrop,
@@ -291,11 +291,7 @@ def measure(running: Running, chosen: Scenario, backdrop: Backdrop) -> Measureme
         def read(out: bytes) -> LoadResult:
             return wrk.parse(out.decode(errors="replace"), chosen, running.url)
     else:
-        command = [
-            sys.executable, "-m", "bench.loadgen", "--url", running.url, "--scenario", chosen.name,
-            "--requests", str(chosen.requests), "--seconds", str(chosen.seconds),
-            "--concurrency", str(chosen.concurrency), "--warmup", str(chosen.warmup), "--json",
-        ]
+        command = loadgen.command(running.url, chosen)
 
         def read(out: bytes) -> LoadResult:
             return LoadResult.from_json(orjson.loads(out))

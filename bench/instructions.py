@@ -18,6 +18,7 @@ thread's share is what bounds a 1-worker gateway (its event loop).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from . import loadgen
 from .contenders import ROOT, START_SECONDS, LogMode, Process, child_env, debian_binary, free_port, start_mock
 from .loadgen import LoadResult, scenario
 
@@ -124,9 +126,9 @@ def count(
 
 
 def _load(url: str, chosen_scenario: str, requests: int) -> LoadResult:
-    command = [sys.executable, "-m", "bench.loadgen", "--url", url, "--scenario", chosen_scenario,
-               "--requests", str(requests), "--seconds", "600", "--concurrency", "1", "--warmup", "0", "--json"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, check=True, timeout=900)
+    one_at_a_time = dataclasses.replace(scenario(chosen_scenario), requests=requests, seconds=600, concurrency=1,
+                                        warmup=0)
+    done = subprocess.run(loadgen.command(url, one_at_a_time), cwd=ROOT, capture_output=True, check=True, timeout=900)
     return LoadResult.from_json(orjson.loads(done.stdout))
 
 

@@ -341,6 +341,15 @@ def _loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
+def command(url: str, chosen: Scenario) -> list[str]:
+    """The command line that runs `chosen` against `url` in a process of its own and prints the result as JSON."""
+    return [
+        sys.executable, "-m", "bench.loadgen", "--url", url, "--scenario", chosen.name,
+        "--requests", str(chosen.requests), "--seconds", str(chosen.seconds),
+        "--concurrency", str(chosen.concurrency), "--warmup", str(chosen.warmup), "--json",
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="base URL without /v1, e.g. http://127.0.0.1:8787")
