@@ -16,25 +16,7 @@ import orjson
 import pytest
 
 from bench import log_insert
-from bench.compare import (
-    DEFAULT_ROUNDS,
-    MIN_ROUNDS,
-    RUN_BUDGET_SECONDS,
-    Check,
-    LogCount,
-    Measurement,
-    Plan,
-    RunReport,
-    Trace,
-    area,
-    build_plan,
-    check_targets,
-    measure,
-    more_rounds,
-    parse_stacks,
-    profile_summary,
-    render_markdown,
-)
+from bench.compare import DEFAULT_ROUNDS, MIN_ROUNDS, RUN_BUDGET_SECONDS, Plan, build_plan, more_rounds
 from bench.contenders import (
     Backdrop,
     ContenderSpec,
@@ -50,7 +32,10 @@ from bench.contenders import (
     steal_share,
 )
 from bench.loadgen import LoadResult, Scenario, Stats, percentile, run_load
+from bench.measure import Measurement, Trace, measure
 from bench.mock_upstream import MockUpstream
+from bench.profiling import area, parse_stacks, profile_summary
+from bench.report import Check, LogCount, RunReport, check_targets, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 

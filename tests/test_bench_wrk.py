@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from bench import wrk
-from bench.compare import measure
 from bench.contenders import Backdrop, ContenderSpec, command_output, debian_binary, start, start_mock
 from bench.loadgen import SCENARIOS, LoadResult, Scenario, scenario
+from bench.measure import measure
 from bench.mock_upstream import MockUpstream
 
 
