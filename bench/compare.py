@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,11 +42,13 @@ from .loadgen import SCENARIOS, Scenario, format_table, scenario
 from .measure import Measurement, find_wrk, measure, wait_until_idle
 from .profiling import PROFILE_CONTENDER, PROFILE_SCENARIOS, profile
 from .report import (
+    GATEWAY,
+    LATENCY_MEASURES,
     PAIRED_CONTENDERS,
     PAIRED_SECONDS,
     SOAK_CONTENDERS,
+    AddedLatency,
     LogCount,
-    Rounds,
     RunReport,
     render_markdown,
 )
@@ -67,6 +69,12 @@ CONTENDERS: tuple[ContenderSpec, ...] = (
 )
 QUICK_CONTENDERS = ("direct", "nginx", "litellm", "edgeproxy-1w", "edgeproxy-1w-embedded")
 DEFAULT_ROUNDS = 7
+# Each round also measures the added latency of these against direct, at concurrency 1 (c1 and
+# stream-c1): one pass of each, minutes apart, moved by ±0.3 ms with the machine's load, more than
+# the 1 ms target leaves; side by side in a round they move together.
+LATENCY_CONTENDERS = (GATEWAY, "nginx")
+# Requests per latency pass in a round: ~1.5 s of c1 and ~2.5 s of stream-c1 on a slow 2-core VM.
+LATENCY_ROUND_REQUESTS = 1000
 # `make bench` must finish within 10 minutes. On a slow machine (9 min 35 s on a 2-core EPYC, LiteLLM
 # alone taking 80 s to start) the default rounds stop early, once the next would not fit with the
 # soaks after it, but never below MIN_ROUNDS. Rounds asked for with --rounds all run.
@@ -88,6 +96,10 @@ class Plan:
     # Seconds the whole run may take; the default rounds stop early to keep it (None: no limit).
     budget_seconds: float | None = None
 
+    def has(self, name: str) -> bool:
+        """Whether the plan holds a contender or a scenario of this name."""
+        return any(c.name == name for c in self.contenders) or any(s.name == name for s in self.scenarios)
+
     def scenarios_for(self, spec: ContenderSpec) -> list[Scenario]:
         """Only gateways cache; `direct` runs the cache scenario too, as the cost of going upstream."""
         return [s for s in self.scenarios if not s.cache or spec.kind in ("direct", "edgeproxy")]
@@ -104,7 +116,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         chosen = [s.scaled(QUICK_FACTOR) for s in chosen]
     soak = args.soak if args.soak is not None else (5.0 if args.quick else 20.0)
     rounds = args.rounds if args.rounds is not None else (0 if args.quick else DEFAULT_ROUNDS)
-    if not any(s.name == "c64" for s in chosen):
+    if not any(s.name == "c64" or s.name in LATENCY_MEASURES for s in chosen):
         rounds = 0
     budget = RUN_BUDGET_SECONDS if args.rounds is None else None
     return Plan(contenders, tuple(chosen), soak, args.quick, rounds, args.client, budget)
@@ -132,9 +144,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
     measurements: list[Measurement] = []
     versions: dict[str, str] = {}
     soaks: tuple[Measurement, ...] = ()
-    rounds: Rounds = ()
-    rounds_loop_us: Rounds = ()
-    rounds_steal: Rounds = ()
+    interleaved = Interleaved()
     log_counts: list[LogCount] = []
     try:
         if any(c.logs == "clickhouse" for c in plan.contenders) or plan.soak_seconds > 0:
@@ -160,7 +170,7 @@ def run(plan: Plan, scratch: Path) -> RunReport:
             finally:
                 _stop(running, "scenarios", log_counts)
         if plan.rounds > 0:
-            rounds, rounds_loop_us, rounds_steal = _paired_rounds(plan, backdrop, skipped, log_counts, run_started)
+            interleaved = interleaved_rounds(plan, backdrop, skipped, log_counts, run_started)
         if plan.soak_seconds > 0:
             measured = [_soak(spec, plan, backdrop, skipped, log_counts) for spec in SOAK_CONTENDERS]
             soaks = tuple(soak for soak in measured if soak is not None)
@@ -178,9 +188,10 @@ def run(plan: Plan, scratch: Path) -> RunReport:
         measurements=tuple(measurements),
         soaks=soaks,
         skipped=skipped,
-        rounds=rounds,
-        rounds_loop_us=rounds_loop_us,
-        rounds_steal=rounds_steal,
+        rounds=tuple(interleaved.rps),
+        rounds_loop_us=tuple(interleaved.loop_us),
+        rounds_steal=tuple(interleaved.steal),
+        added_latency=tuple(interleaved.added_latency),
         log_counts=tuple(log_counts),
     )
 
@@ -211,36 +222,52 @@ def _stop(running: Running, phase: str, log_counts: list[LogCount]) -> None:
         running.stop()
 
 
-def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
-                   log_counts: list[LogCount], run_started: float) -> tuple[Rounds, Rounds, Rounds]:
-    """c64 on each paired contender in turn, `plan.rounds` times (fewer if the budget says so), all started at once.
+@dataclass
+class Interleaved:
+    """What the interleaved rounds measured, round by round (see `interleaved_rounds`)."""
 
-    Returns req/s per round; per round the event-loop thread's CPU µs per request of each
-    1-worker edgeproxy; and per round the machine's steal share during each contender's window.
+    rps: list[dict[str, float]] = field(default_factory=list)
+    loop_us: list[dict[str, float]] = field(default_factory=list)
+    steal: list[dict[str, float]] = field(default_factory=list)
+    added_latency: list[AddedLatency] = field(default_factory=list)
 
-    Each round starts with a different contender, so none always runs first (or right after the same
-    neighbour); the servers waiting their turn are idle.
+
+def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
+                        log_counts: list[LogCount], run_started: float) -> Interleaved:
+    """`plan.rounds` rounds (fewer if the budget says so) of the figures the targets judge, contenders side by side.
+
+    Per round: c1 and stream-c1 on direct, the 1-worker gateway and nginx, each contender's
+    latency over direct's of the same round; then c64 on each paired contender, its req/s, the
+    event-loop thread's CPU µs per request of each 1-worker edgeproxy, and the machine's steal
+    share during each window. All are started once; those waiting their turn are idle. Each round
+    starts with a different contender, so none always runs first (or right after the same neighbour).
     """
-    specs = [c for c in plan.contenders if c.name in PAIRED_CONTENDERS and c.name not in skipped]
-    if len(specs) < 2:
-        return (), (), ()
-    chosen = dataclasses.replace(scenario("c64"), seconds=PAIRED_SECONDS, requests=10_000_000)
+    measured = Interleaved()
+    throughput = plan.has("c64") and sum(c.name in PAIRED_CONTENDERS and c.name not in skipped
+                                         for c in plan.contenders) >= 2
+    latency = [dataclasses.replace(s, requests=min(s.requests, LATENCY_ROUND_REQUESTS))
+               for s in plan.scenarios if s.name in LATENCY_MEASURES]
+    if not plan.has("direct") or not plan.has(GATEWAY):
+        latency = []
+    names = {*(PAIRED_CONTENDERS if throughput else ()), *(("direct", *LATENCY_CONTENDERS) if latency else ())}
+    specs = [c for c in plan.contenders if c.name in names and c.name not in skipped]
+    c64 = dataclasses.replace(scenario("c64"), seconds=PAIRED_SECONDS, requests=10_000_000)
     started: list[Running] = []
-    rounds: list[dict[str, float]] = []
-    rounds_loop_us: list[dict[str, float]] = []
-    rounds_steal: list[dict[str, float]] = []
     try:
         for spec in specs:
             running = _start(spec, backdrop, skipped)
             if running is not None:
                 started.append(running)
+        latency_side = [r for r in started if r.spec.name in ("direct", *LATENCY_CONTENDERS)]
+        paired = [r for r in started if r.spec.name in PAIRED_CONTENDERS] if throughput else []
         number, round_seconds = 0, 0.0
         while more_rounds(number, plan, time.monotonic() - run_started, round_seconds):
             began = time.monotonic()
-            shift = number % len(started)
+            for chosen in latency:
+                measured.added_latency += _added_latency(number + 1, _rotated(latency_side, number), chosen, backdrop)
             rps, loop_us, steal = {}, {}, {}
-            for running in started[shift:] + started[:shift]:
-                done = measure(running, chosen, backdrop)
+            for running in _rotated(paired, number):
+                done = measure(running, c64, backdrop)
                 rps[running.spec.name] = done.result.rps
                 if done.loop_us_per_request is not None:
                     loop_us[running.spec.name] = done.loop_us_per_request
@@ -251,11 +278,14 @@ def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
                 wait_until_idle(running.pid)
                 if running.spec.logs == "clickhouse" and backdrop.clickhouse_pid is not None:
                     wait_until_idle(backdrop.clickhouse_pid)
-            rounds.append(rps)
-            rounds_loop_us.append(loop_us)
-            rounds_steal.append(steal)
-            print(f"round {number + 1}/{plan.rounds}: " + ", ".join(f"{k} {v:.0f}" for k, v in rps.items()),
-                  file=sys.stderr)
+            if paired:
+                measured.rps.append(rps)
+                measured.loop_us.append(loop_us)
+                measured.steal.append(steal)
+            mine = [a for a in measured.added_latency if a.round == number + 1 and a.contender == GATEWAY]
+            print(f"round {number + 1}/{plan.rounds}: " + ", ".join(
+                [f"{k} {v:.0f} req/s" for k, v in rps.items()]
+                + [f"{GATEWAY} {a.scenario} +{a.p50_ms:.2f} ms p50" for a in mine]), file=sys.stderr)
             number, round_seconds = number + 1, time.monotonic() - began
         if number < plan.rounds:
             print(f"rounds stopped at {number} of {plan.rounds}: the run's {plan.budget_seconds:g} s budget",
@@ -263,7 +293,23 @@ def _paired_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
     finally:
         for running in started:
             _stop(running, "rounds", log_counts)
-    return tuple(rounds), tuple(rounds_loop_us), tuple(rounds_steal)
+    return measured
+
+
+def _added_latency(number: int, order: Sequence[Running], chosen: Scenario, backdrop: Backdrop) -> list[AddedLatency]:
+    """One latency scenario on direct and the others in `order`: each one's p50 and p99 over direct's."""
+    measure_of = LATENCY_MEASURES[chosen.name]
+    stats = {running.spec.name: getattr(measure(running, chosen, backdrop).result, measure_of) for running in order}
+    base = stats.get("direct")
+    if base is None:
+        return []
+    return [AddedLatency(number, name, chosen.name, s.p50 - base.p50, s.p99 - base.p99)
+            for name, s in stats.items() if name != "direct" and s is not None]
+
+
+def _rotated(running: Sequence[Running], number: int) -> list[Running]:
+    shift = number % len(running) if running else 0
+    return [*running[shift:], *running[:shift]]
 
 
 def _soak(spec: ContenderSpec, plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
