@@ -66,13 +66,22 @@ class UsageChunkFilter:
             if complete.endswith(_NULL_USAGE_END) and complete.find(b"\n") == len(complete) - 2:
                 return complete[: -len(_NULL_USAGE_END)] + b"}\n\n"
             return complete.replace(_NULL_USAGE, b"")
-        kept = []
-        for event in complete.split(b"\n\n")[:-1]:
-            if event.find(b'"choices":[]') >= 0 and event.find(b'"usage":{') >= 0:
+        # Only the events around a `"choices":[]` are looked at: a burst of ~50 events read at once
+        # is not split into events and joined back.
+        kept, start, at = [], 0, complete.find(b'"choices":[]')
+        while at >= 0:
+            before = complete.rfind(b"\n\n", start, at)
+            begin = before + 2 if before >= 0 else start
+            end = complete.find(b"\n\n", at) + 2
+            event = complete[begin : end - 2]
+            if event.find(b'"usage":{') >= 0:
                 self.hidden.append(event)
-                continue
-            kept.append(event.replace(_NULL_USAGE, b""))
-        return b"".join(event + b"\n\n" for event in kept)
+                kept.append(complete[start:begin])
+                start = end
+            at = complete.find(b'"choices":[]', end)
+        kept.append(complete[start:])
+        # A null cannot span two events (it holds no blank line), so one pass over the rest will do.
+        return b"".join(kept).replace(_NULL_USAGE, b"")
 
     def flush(self) -> bytes:
         return self._events.rest()

@@ -55,3 +55,16 @@ def test_a_usage_null_that_is_not_the_last_key_is_dropped_too() -> None:
     assert UsageChunkFilter().feed(event) == b'data: {"id":"c","choices":[{"delta":{}}],"x":1}\n\n'
     spaced = b'data: {"id":"c","choices":[{"delta":{"content":"\\"usage\\":null"}}]}\n\n'
     assert UsageChunkFilter().feed(spaced) == spaced  # text that only looks like it stays
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+def test_an_event_without_choices_but_without_usage_reaches_the_client(at_once: bool) -> None:
+    """Azure opens a stream with `"choices":[]` and its prompt filter results: not the usage event."""
+    azure_first = _event({"id": "", "choices": [], "prompt_filter_results": [{"prompt_index": 0}]})
+    asked, plain = _asked_and_not(3)
+    stream = azure_first + asked
+    chunks = [stream] if at_once else [event + b"\n\n" for event in stream.split(b"\n\n")[:-1]]
+    usage_filter = UsageChunkFilter()
+    sent = b"".join(usage_filter.feed(chunk) for chunk in chunks) + usage_filter.flush()
+    assert sent == azure_first + plain
+    assert len(usage_filter.hidden) == 1 and b'"completion_tokens":3' in usage_filter.hidden[0]
