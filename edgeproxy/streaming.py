@@ -179,10 +179,12 @@ async def send(ex: Exchange, client: web.StreamResponse, chunk: bytes, stall_sec
     good. Only a write that can wait is timed (a timer per chunk would cost the hot path): one
     behind unsent bytes, or larger than the transport's high-water mark.
     """
-    if may_wait(ex, len(chunk)):
-        await within_stall(ex, client.write(chunk), stall_seconds)
-    else:
-        await client.write(chunk)
+    await _bounded(ex, client.write(chunk), len(chunk), stall_seconds)
+
+
+async def send_eof(ex: Exchange, client: web.StreamResponse, stall_seconds: float) -> None:
+    """End a streamed response, bounded as `send` bounds a chunk: the last bytes may still be unsent."""
+    await _bounded(ex, client.write_eof(), 0, stall_seconds)
 
 
 async def send_whole(ex: Exchange, client: web.Response, stall_seconds: float) -> web.Response:
@@ -190,13 +192,17 @@ async def send_whole(ex: Exchange, client: web.Response, stall_seconds: float) -
     await client.prepare(ex.request)
     ex.client_first_byte = time.perf_counter()
     try:
-        if may_wait(ex, client.content_length or 0):
-            await within_stall(ex, client.write_eof(), stall_seconds)
-        else:
-            await client.write_eof()
+        await _bounded(ex, client.write_eof(), client.content_length or 0, stall_seconds)
     except ConnectionError:
         ex.outcome = "cancelled"
     return client
+
+
+async def _bounded(ex: Exchange, write: Awaitable[None], size: int, stall_seconds: float) -> None:
+    if may_wait(ex, size):
+        await within_stall(ex, write, stall_seconds)
+    else:
+        await write
 
 
 def may_wait(ex: Exchange, size: int) -> bool:

@@ -21,7 +21,7 @@ from .metrics import Metrics
 from .options import RetryPolicy
 from .routing import DeploymentState, Route, Router
 from .settings import Settings, TargetSettings
-from .streaming import error_event, relay, send_whole, within_stall
+from .streaming import error_event, relay, send_eof, send_whole, within_stall
 from .targets import client_headers, upstream_headers, upstream_url
 
 log = logging.getLogger("edgeproxy.upstream")
@@ -318,7 +318,7 @@ class Forwarder:
         if ex.status >= 400 and ex.outcome == "ok":
             ex.outcome = "upstream_error"
         try:
-            await within_stall(ex, client.write_eof(), stall)
+            await send_eof(ex, client, stall)
         except ConnectionError:
             ex.outcome = "cancelled"
         return client

@@ -11,7 +11,7 @@ from ..exchange import Exchange
 from ..pipeline import Handler
 from ..pricing import PriceTable
 from ..settings import CacheSettings
-from ..streaming import send, send_whole
+from ..streaming import send, send_eof, send_whole
 from .entry import CachedResponse
 from .key import CacheKey, cache_key
 from .store import ResponseStore
@@ -82,7 +82,7 @@ class CacheStage:
         try:
             for chunk in entry.chunks:
                 await send(ex, response, chunk, self._stall_seconds)
-            await response.write_eof()
+            await send_eof(ex, response, self._stall_seconds)
         except ConnectionError:
             ex.outcome = "cancelled"
         return response
