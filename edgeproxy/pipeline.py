@@ -18,7 +18,7 @@ from aiohttp import web
 
 from .errors import GatewayError
 from .exchange import Exchange
-from .options import RequestOptions, parse_options
+from .options import NO_OPTIONS, parse_options
 from .settings import Settings
 from .targets import resolve_route
 
@@ -41,7 +41,7 @@ def gateway_handler(pipeline: Handler) -> Callable[[web.Request], Awaitable[web.
     """The aiohttp handler: one Exchange per request, handed to the pipeline."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        return await pipeline(Exchange(request, RequestOptions(request_id=str(uuid.uuid4()))))
+        return await pipeline(Exchange(request, NO_OPTIONS, str(uuid.uuid4())))
 
     return handle
 
@@ -55,7 +55,9 @@ class Intake:
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
         request = ex.request
-        ex.options = parse_options(request.headers, ex.options)
+        ex.options = parse_options(request.headers)
+        if ex.options.request_id is not None:
+            ex.request_id = ex.options.request_id
         ex.response_headers["Helicone-Id"] = ex.request_id
         ex.route = resolve_route(self._settings, request.path, ex.options.target_url)
         limit = self._settings.server.max_body_bytes
