@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,16 +249,27 @@ class Authenticate:
         self._verifier = verifier
         self._revocations = revocations
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[web.StreamResponse]:
         token = self._token(ex)
         if token is not None:
-            assert self._verifier is not None
-            identity = self._verifier.verify(token)
-            if await self._revocations.is_revoked(identity.key_id):
-                raise refused("the key has been revoked", "key_revoked")
-            ex.identity = identity
-        elif self._required:
+            return self._with_key(ex, token, call_next)
+        if self._required:
             raise refused("a gateway key is required (send Helicone-Auth: Bearer <key>)", "missing_key")
+        self._name_user(ex)
+        return call_next(ex)
+
+    async def _with_key(self, ex: Exchange, token: str, call_next: Handler) -> web.StreamResponse:
+        assert self._verifier is not None
+        identity = self._verifier.verify(token)
+        if await self._revocations.is_revoked(identity.key_id):
+            raise refused("the key has been revoked", "key_revoked")
+        ex.identity = identity
+        self._name_user(ex)
+        return await call_next(ex)
+
+    @staticmethod
+    def _name_user(ex: Exchange) -> None:
+        """Apply `Helicone-User-Id` if the identity allows it; refuse with 403 if not."""
         requested = ex.options.user_id
         if requested and requested != ex.identity.user_id:
             if not ex.identity.user_override:
@@ -268,7 +280,6 @@ class Authenticate:
                     code="user_override_not_allowed",
                 )
             ex.identity.user_id = requested
-        return await call_next(ex)
 
     def _token(self, ex: Exchange) -> str | None:
         if self._verifier is None:

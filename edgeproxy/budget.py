@@ -207,10 +207,13 @@ class Budgets:
         # Read at each request, not bound at startup, so tests can move time across a period.
         self.clock = clock
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[web.StreamResponse]:
         caps = self.caps(ex)
         if not caps:
-            return await call_next(ex)
+            return call_next(ex)
+        return self._capped(ex, caps, call_next)
+
+    async def _capped(self, ex: Exchange, caps: list[Cap], call_next: Handler) -> web.StreamResponse:
         admission = await self._admit(ex, caps)
         try:
             return await call_next(ex)

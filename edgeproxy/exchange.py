@@ -77,6 +77,8 @@ class Capture:
 class Exchange:
     request: web.Request
     options: RequestOptions
+    # The gateway's own (a random UUID), or the one the client named in Helicone-Request-Id.
+    request_id: str
     body: bytes = b""
     route: Route = UNROUTED
     started: float = field(default_factory=time.perf_counter)
@@ -109,10 +111,6 @@ class Exchange:
     worst_case: WorstCase | None = None
     _json: Any = None
     _json_parsed: bool = False
-
-    @property
-    def request_id(self) -> str:
-        return self.options.request_id
 
     def json(self) -> Any:
         """The request body as JSON, parsed at most once; None when it is not a JSON object."""

@@ -69,7 +69,7 @@ class RateLimitPolicy:
 
 @dataclass(frozen=True, slots=True)
 class RequestOptions:
-    request_id: str
+    request_id: str | None = None  # Helicone-Request-Id, when the client names the request itself
     user_id: str = ""
     properties: Mapping[str, str] = field(default_factory=dict)
     session_id: str = ""
@@ -85,11 +85,15 @@ class RequestOptions:
     rate_limit: RateLimitPolicy | None = None
 
 
-def parse_options(headers: Mapping[str, str], defaults: RequestOptions) -> RequestOptions:
+# The options of a request without gateway headers (nearly every one), shared: building the frozen
+# dataclass (14 fields, each set through object.__setattr__) cost ~22 kIr, 2.4% of a plain request.
+NO_OPTIONS = RequestOptions()
+
+
+def parse_options(headers: Mapping[str, str]) -> RequestOptions:
     """Parse all gateway headers of one request; raise a 400 GatewayError on the first bad one.
 
-    `defaults` holds the gateway's request id (kept unless Helicone-Request-Id names one) and is
-    itself the answer when the request carries no gateway header.
+    A request without any gateway header gets `NO_OPTIONS` itself.
     """
     # Most requests carry no gateway header at all. (Cache-Control alone means nothing here; it is
     # read only with Helicone-Cache-Enabled.)
@@ -97,12 +101,11 @@ def parse_options(headers: Mapping[str, str], defaults: RequestOptions) -> Reque
         if key[: len(GATEWAY_PREFIX)].lower() == GATEWAY_PREFIX:
             break
     else:
-        return defaults
+        return NO_OPTIONS
     get = headers.get
     given_id = get("Helicone-Request-Id")
-    request_id = defaults.request_id if given_id is None else _uuid(given_id, "Helicone-Request-Id")
     return RequestOptions(
-        request_id=request_id,
+        request_id=None if given_id is None else _uuid(given_id, "Helicone-Request-Id"),
         user_id=_text(get("Helicone-User-Id", ""), "Helicone-User-Id"),
         properties=_properties(headers),
         session_id=_text(get("Helicone-Session-Id", ""), "Helicone-Session-Id"),

@@ -2,8 +2,10 @@
 
     observe → intake → authenticate → police → limit → cache → forward
 
-Each stage is `async (exchange, call_next) -> response`; a stage refuses by raising
-`GatewayError`, which `observe` renders and logs like every other outcome.
+Each stage is `(exchange, call_next) -> awaitable response`; a stage refuses by raising
+`GatewayError`, which `observe` renders and logs like every other outcome. A stage with nothing
+to do for a request returns `call_next(ex)` itself rather than awaiting it in a coroutine of its
+own, so a plain request passes the five inner stages as plain calls (with `_bind`: ~10 kIr of ~880).
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import Protocol
 
 from aiohttp import web
 
 from .errors import GatewayError
 from .exchange import Exchange
-from .options import RequestOptions, parse_options
+from .options import NO_OPTIONS, parse_options
 from .settings import Settings
 from .targets import resolve_route
 
@@ -26,14 +27,25 @@ Handler = Callable[[Exchange], Awaitable[web.StreamResponse]]
 
 
 class Stage(Protocol):
-    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse: ...
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[web.StreamResponse]: ...
 
 
 def chain(stages: Sequence[Stage], last: Handler) -> Handler:
     """Compose stages around the last handler, once, at startup."""
     handler = last
     for stage in reversed(stages):
-        handler = partial(stage, call_next=handler)
+        handler = _bind(stage, handler)
+    return handler
+
+
+def _bind(stage: Stage, call_next: Handler) -> Handler:
+    """The stage with its next handler: a closure over the bound method, where a keyword `partial`
+    copied its keywords into a new dict and dispatched through `__call__` on every request."""
+    call = stage.__call__
+
+    def handler(ex: Exchange) -> Awaitable[web.StreamResponse]:
+        return call(ex, call_next)
+
     return handler
 
 
@@ -41,7 +53,7 @@ def gateway_handler(pipeline: Handler) -> Callable[[web.Request], Awaitable[web.
     """The aiohttp handler: one Exchange per request, handed to the pipeline."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        return await pipeline(Exchange(request, RequestOptions(request_id=str(uuid.uuid4()))))
+        return await pipeline(Exchange(request, NO_OPTIONS, str(uuid.uuid4())))
 
     return handle
 
@@ -55,7 +67,9 @@ class Intake:
 
     async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
         request = ex.request
-        ex.options = parse_options(request.headers, ex.options)
+        ex.options = parse_options(request.headers)
+        if ex.options.request_id is not None:
+            ex.request_id = ex.options.request_id
         ex.response_headers["Helicone-Id"] = ex.request_id
         ex.route = resolve_route(self._settings, request.path, ex.options.target_url)
         limit = self._settings.server.max_body_bytes

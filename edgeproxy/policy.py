@@ -10,7 +10,7 @@ own `models` and `max_tokens` claims apply on top of its app's.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -76,12 +76,12 @@ class Police:
         self._metrics = metrics
         self._compiled = {name: CompiledPolicy.compile(name, policy) for name, policy in apps.items()}
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[web.StreamResponse]:
         found = app_policy(self._apps, ex.identity.app_id)
         compiled = self._compiled[found[0]] if found else None
         identity = ex.identity
         if compiled is None and not identity.models and identity.max_tokens is None:
-            return await call_next(ex)
+            return call_next(ex)
         document = ex.json() if ex.body else None
         try:
             self._check_model(ex, document, compiled)
@@ -96,7 +96,7 @@ class Police:
             _inject_system_prompt(ex, document, compiled.policy)
         if compiled is not None and compiled.guard is not None:
             ex.response_filter = OutputGuard(compiled.guard, compiled.guard_hold)
-        return await call_next(ex)
+        return call_next(ex)
 
     @staticmethod
     def _check_model(ex: Exchange, document: dict[str, Any] | None, compiled: CompiledPolicy | None) -> None:

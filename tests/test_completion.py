@@ -8,7 +8,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from edgeproxy.completion import ask_for_usage, read_usage, sse_payloads
 from edgeproxy.exchange import Exchange
-from edgeproxy.options import RequestOptions
+from edgeproxy.options import NO_OPTIONS
 from edgeproxy.settings import TargetSettings
 from edgeproxy.targets import Route
 
@@ -38,7 +38,7 @@ def test_payloads_holding_a_needle_are_all_found_once_and_in_order() -> None:
 
 
 def _chat(body: bytes) -> Exchange:
-    ex = Exchange(make_mocked_request("POST", "/v1/chat/completions"), RequestOptions(request_id="r"), body=body)
+    ex = Exchange(make_mocked_request("POST", "/v1/chat/completions"), NO_OPTIONS, "r", body=body)
     ex.route = Route(TargetSettings(name="openai", base_url="http://upstream"), "/v1/chat/completions")
     return ex
 

@@ -7,7 +7,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from edgeproxy.estimate import PROMPT_OVERHEAD_TOKENS, worst_case
 from edgeproxy.exchange import Exchange
-from edgeproxy.options import RequestOptions
+from edgeproxy.options import NO_OPTIONS
 from edgeproxy.settings import TargetSettings
 from edgeproxy.targets import Route
 
@@ -16,7 +16,7 @@ DEFAULT_MAX_TOKENS = 4096
 
 def exchange(body: dict | bytes, path: str = "/v1/chat/completions") -> Exchange:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    ex = Exchange(make_mocked_request("POST", path), RequestOptions(request_id="r"), body=raw)
+    ex = Exchange(make_mocked_request("POST", path), NO_OPTIONS, "r", body=raw)
     ex.route = Route(TargetSettings(name="mock", base_url="http://127.0.0.1:1"), path)
     return ex
 

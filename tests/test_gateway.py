@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import socket
 import time
+import uuid
 
 import aiohttp
 import openai
@@ -276,8 +277,13 @@ async def test_provider_key_injected_and_client_key_passes_otherwise(mock, start
 
 async def test_every_response_has_helicone_id_and_health(gateway: RunningGateway) -> None:
     async with aiohttp.ClientSession() as session:
-        async with session.post(gateway.base_url + "/chat/completions", json=CHAT) as response:
-            assert len(response.headers["Helicone-Id"]) == 36
+        given = []
+        for _ in range(2):
+            async with session.post(gateway.base_url + "/chat/completions", json=CHAT) as response:
+                given.append(response.headers["Helicone-Id"])
+        # The gateway's own ids: random (version 4) UUIDs in their canonical form, one per request.
+        assert [str(uuid.UUID(request_id, version=4)) for request_id in given] == given
+        assert given[0] != given[1]
         async with session.get(gateway.url + "/healthz") as response:
             assert response.status == 200
         async with session.get(gateway.url + "/readyz") as response:

@@ -8,34 +8,39 @@ import pytest
 from multidict import CIMultiDict
 
 from edgeproxy.errors import GatewayError
-from edgeproxy.options import RequestOptions, parse_options
+from edgeproxy.options import NO_OPTIONS, RequestOptions, parse_options
 from edgeproxy.settings import SettingsError
 from edgeproxy.settings_loader import load_settings
 
-REQUEST_ID = "00000000-0000-4000-8000-000000000001"
-DEFAULTS = RequestOptions(request_id=REQUEST_ID)
 PLAIN = {"Host": "127.0.0.1", "Content-Type": "application/json", "Authorization": "Bearer sk-x",
          "Cache-Control": "max-age=60"}
 
 
 def test_without_gateway_headers_the_options_are_the_full_parse_of_empty_ones() -> None:
-    shortcut = parse_options(CIMultiDict(PLAIN), DEFAULTS)
+    shortcut = parse_options(CIMultiDict(PLAIN))
     # An empty user id sends the same request down the full parse.
-    full = parse_options(CIMultiDict({**PLAIN, "Helicone-User-Id": ""}), DEFAULTS)
-    assert shortcut == full == RequestOptions(request_id=REQUEST_ID)
-    assert shortcut is DEFAULTS and full is not DEFAULTS  # the shortcut builds nothing
+    full = parse_options(CIMultiDict({**PLAIN, "Helicone-User-Id": ""}))
+    assert shortcut == full == RequestOptions()
+    assert shortcut is NO_OPTIONS and full is not NO_OPTIONS  # the shortcut builds nothing
+    assert shortcut.request_id is None  # the gateway's own id is the exchange's, not the options'
     assert shortcut.cache is None  # Cache-Control alone does not turn caching on
+
+
+def test_a_request_id_the_client_names_is_kept_in_canonical_form() -> None:
+    options = parse_options(CIMultiDict({**PLAIN, "Helicone-Request-Id": " {0B7B3A0E-8C53-4A55-9D43-3F1D4F7F8A11} "}))
+    assert options.request_id == "0b7b3a0e-8c53-4a55-9d43-3f1d4f7f8a11"
+    assert parse_options(CIMultiDict({**PLAIN, "Helicone-User-Id": "u"})).request_id is None
 
 
 @pytest.mark.parametrize("name", ["helicone-cache-enabled", "HELICONE-CACHE-ENABLED", "Helicone-Cache-Enabled"])
 def test_gateway_headers_are_found_in_any_case(name: str) -> None:
-    options = parse_options(CIMultiDict({**PLAIN, name: "true"}), DEFAULTS)
+    options = parse_options(CIMultiDict({**PLAIN, name: "true"}))
     assert options.cache is not None and options.cache.ttl_seconds == 60
 
 
 def test_a_lone_bad_gateway_header_is_still_refused() -> None:
     with pytest.raises(GatewayError) as caught:
-        parse_options(CIMultiDict({**PLAIN, "helicone-retry-num": "many"}), DEFAULTS)
+        parse_options(CIMultiDict({**PLAIN, "helicone-retry-num": "many"}))
     assert (caught.value.status, caught.value.param) == (400, "Helicone-Retry-Num")
 
 
@@ -43,7 +48,7 @@ def test_a_lone_bad_gateway_header_is_still_refused() -> None:
 def test_a_target_url_with_a_query_or_fragment_is_refused(url: str) -> None:
     # The request's path is appended to the base: `/?x=1` + `/v1/…` would send it to `/` instead.
     with pytest.raises(GatewayError) as caught:
-        parse_options(CIMultiDict({"Helicone-Target-URL": url}), DEFAULTS)
+        parse_options(CIMultiDict({"Helicone-Target-URL": url}))
     assert (caught.value.status, caught.value.param) == (400, "Helicone-Target-URL")
 
 

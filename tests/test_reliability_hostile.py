@@ -32,7 +32,7 @@ from yarl import URL
 
 from edgeproxy.app import LOG_BATCHER, LOG_STORE
 from edgeproxy.errors import GatewayError
-from edgeproxy.options import RequestOptions, parse_options
+from edgeproxy.options import parse_options
 from edgeproxy.settings_loader import load_settings
 from edgeproxy.targets import resolve_route, upstream_url
 
@@ -41,7 +41,6 @@ from .reliability_tools import RawReply, logged_rows, raw_exchange, raw_exchange
 from .test_auth import b64, hand_signed, valid_claims
 
 SECRET = "hostile-secret-" + "h" * 40
-DEFAULTS = RequestOptions(request_id="00000000-0000-4000-8000-000000000000")
 ALLOWED_HOST = "allowed.example"
 # The mock's model-name controls (errors, delays, resets) must not be hit by chance.
 MOCK_CONTROL = re.compile(r"(error|retryafter|failfirst|slow|gap|failafter|hangafter|garbage)", re.IGNORECASE)
@@ -179,7 +178,7 @@ ROUTE_SETTINGS = load_settings(
 def check_options(headers: dict[str, str]) -> None:
     """parse_options answers every header set with options or a 400 naming the header."""
     try:
-        options = parse_options(CIMultiDict(headers), DEFAULTS)
+        options = parse_options(CIMultiDict(headers))
     except GatewayError as err:
         assert err.status == 400 and err.code == "invalid_header" and err.param, err.message
         err.body()  # renders
@@ -196,7 +195,7 @@ def check_options(headers: dict[str, str]) -> None:
     texts += [options.cache.seed] if options.cache else []
     for text in texts:
         text.encode("utf-8")
-    assert str(uuid.UUID(options.request_id)) == options.request_id
+    assert options.request_id is None or str(uuid.UUID(options.request_id)) == options.request_id
     if options.target_url is not None:
         parts = urlsplit(options.target_url)
         parsed = URL(options.target_url)  # the URL the upstream client will build
@@ -214,7 +213,7 @@ def check_route(path: str, target_url: str | None) -> None:
     """A route never leaves its target's host or base path, and an ad-hoc host is allowlisted."""
     try:
         if target_url is not None:  # as the gateway sees it: parsed at intake first
-            target_url = parse_options({"Helicone-Target-URL": target_url}, DEFAULTS).target_url
+            target_url = parse_options({"Helicone-Target-URL": target_url}).target_url
         route = resolve_route(ROUTE_SETTINGS, path, target_url)
     except GatewayError as err:
         assert 400 <= err.status < 500, err.message

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable
 
 from aiohttp import web
 
 from ..exchange import Exchange
+from ..options import CachePolicy
 from ..pipeline import Handler
 from ..pricing import PriceTable
 from ..settings import CacheSettings
@@ -40,10 +42,13 @@ class CacheStage:
     def store(self) -> ResponseStore:
         return self._store
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[web.StreamResponse]:
         policy = ex.options.cache
         if policy is None:
-            return await call_next(ex)
+            return call_next(ex)
+        return self._cached(ex, policy, call_next)
+
+    async def _cached(self, ex: Exchange, policy: CachePolicy, call_next: Handler) -> web.StreamResponse:
         key = cache_key(ex, policy, shared=self._settings.shared_namespace)
         bucket = await self._store.read(key, policy.bucket_max_size)
         if bucket.full:

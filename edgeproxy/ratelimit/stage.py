@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,10 +56,13 @@ class RateLimitStage:
         self._counters = counters
         self.stats = LimitStats()
 
-    async def __call__(self, ex: Exchange, call_next: Handler) -> web.StreamResponse:
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[web.StreamResponse]:
         applied = self._book.applicable(ex)
         if not applied:
-            return await call_next(ex)
+            return call_next(ex)
+        return self._limited(ex, applied, call_next)
+
+    async def _limited(self, ex: Exchange, applied: Sequence[Applied], call_next: Handler) -> web.StreamResponse:
         charges = self._reservations(ex, applied)
         try:
             verdict = await self._windows.admit(charges, ex.request_id)
