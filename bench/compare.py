@@ -263,6 +263,11 @@ def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
         number, round_seconds = 0, 0.0
         while more_rounds(number, plan, time.monotonic() - run_started, round_seconds):
             began = time.monotonic()
+            if latency:
+                # Concurrency 1 shows any neighbour's work: the log writers and the double finish first.
+                for pid in [r.pid for r in started] + [backdrop.clickhouse_pid or 0]:
+                    if pid:
+                        wait_until_idle(pid)
             for chosen in latency:
                 measured.added_latency += _added_latency(number + 1, _rotated(latency_side, number), chosen, backdrop)
             rps, loop_us, steal = {}, {}, {}
