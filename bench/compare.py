@@ -264,26 +264,12 @@ def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
         while more_rounds(number, plan, time.monotonic() - run_started, round_seconds):
             began = time.monotonic()
             if latency:
-                # Concurrency 1 shows any neighbour's work: the log writers and the double finish first.
-                for pid in [r.pid for r in started] + [backdrop.clickhouse_pid or 0]:
-                    if pid:
-                        wait_until_idle(pid)
+                _settle(started, backdrop)
             for chosen in latency:
                 measured.added_latency += _added_latency(number + 1, _rotated(latency_side, number), chosen, backdrop)
-            rps, loop_us, steal = {}, {}, {}
-            for running in _rotated(paired, number):
-                done = measure(running, c64, backdrop)
-                rps[running.spec.name] = done.result.rps
-                if done.loop_us_per_request is not None:
-                    loop_us[running.spec.name] = done.loop_us_per_request
-                if done.steal is not None:
-                    steal[running.spec.name] = done.steal
-                # Its last log batch lands now, not in the next contender's window: the double's
-                # insert of it too, which runs in another process.
-                wait_until_idle(running.pid)
-                if running.spec.logs == "clickhouse" and backdrop.clickhouse_pid is not None:
-                    wait_until_idle(backdrop.clickhouse_pid)
+            rps: dict[str, float] = {}
             if paired:
+                rps, loop_us, steal = _throughput_round(_rotated(paired, number), c64, backdrop)
                 measured.rps.append(rps)
                 measured.loop_us.append(loop_us)
                 measured.steal.append(steal)
@@ -299,6 +285,34 @@ def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
         for running in started:
             _stop(running, "rounds", log_counts)
     return measured
+
+
+def _settle(started: Sequence[Running], backdrop: Backdrop) -> None:
+    """Let the contenders and the ClickHouse double finish leftover work (log batches, merges):
+    concurrency 1 shows any neighbour's work."""
+    for pid in [r.pid for r in started] + [backdrop.clickhouse_pid or 0]:
+        if pid:
+            wait_until_idle(pid)
+
+
+def _throughput_round(order: Sequence[Running], c64: Scenario,
+                      backdrop: Backdrop) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """c64 on each contender in `order`: its req/s, its event-loop CPU µs a request (1-worker edgeproxy)
+    and the machine's steal share during its window."""
+    rps, loop_us, steal = {}, {}, {}
+    for running in order:
+        done = measure(running, c64, backdrop)
+        rps[running.spec.name] = done.result.rps
+        if done.loop_us_per_request is not None:
+            loop_us[running.spec.name] = done.loop_us_per_request
+        if done.steal is not None:
+            steal[running.spec.name] = done.steal
+        # Its last log batch lands now, not in the next contender's window: the double's
+        # insert of it too, which runs in another process.
+        wait_until_idle(running.pid)
+        if running.spec.logs == "clickhouse" and backdrop.clickhouse_pid is not None:
+            wait_until_idle(backdrop.clickhouse_pid)
+    return rps, loop_us, steal
 
 
 def _added_latency(number: int, order: Sequence[Running], chosen: Scenario, backdrop: Backdrop) -> list[AddedLatency]:
