@@ -42,6 +42,7 @@ from .loadgen import SCENARIOS, Scenario, format_table, scenario
 from .measure import Measurement, find_wrk, measure, wait_until_idle
 from .profiling import PROFILE_CONTENDER, PROFILE_SCENARIOS, profile
 from .report import (
+    FLOOR,
     GATEWAY,
     LATENCY_MEASURES,
     PAIRED_CONTENDERS,
@@ -72,7 +73,10 @@ DEFAULT_ROUNDS = 7
 # Each round also measures the added latency of these against direct, at concurrency 1 (c1 and
 # stream-c1): one pass of each, minutes apart, moved by ±0.3 ms with the machine's load, more than
 # the 1 ms target leaves; side by side in a round they move together.
-LATENCY_CONTENDERS = (GATEWAY, "nginx")
+# The aiohttp floor (bench/floor_proxy.py) runs in the rounds too: on a slow or busy machine it shows
+# how much of the gateway's figure any proxy on aiohttp pays before a feature of its own.
+LATENCY_FLOOR = ContenderSpec(FLOOR, "floor")
+LATENCY_CONTENDERS = (GATEWAY, FLOOR, "nginx")
 # Requests per latency pass in a round: ~1.5 s of c1 and ~2.5 s of stream-c1 on a slow 2-core VM.
 LATENCY_ROUND_REQUESTS = 1000
 # `make bench` must finish within 10 minutes. On a slow machine (9 min 35 s on a 2-core EPYC, LiteLLM
@@ -236,7 +240,7 @@ def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
                         log_counts: list[LogCount], run_started: float) -> Interleaved:
     """`plan.rounds` rounds (fewer if the budget says so) of the figures the targets judge, contenders side by side.
 
-    Per round: c1 and stream-c1 on direct, the 1-worker gateway and nginx, each contender's
+    Per round: c1 and stream-c1 on direct, the 1-worker gateway, the aiohttp floor and nginx, each contender's
     latency over direct's of the same round; then c64 on each paired contender, its req/s, the
     event-loop thread's CPU µs per request of each 1-worker edgeproxy, and the machine's steal
     share during each window. All are started once; those waiting their turn are idle. Each round
@@ -250,7 +254,7 @@ def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
     if not plan.has("direct") or not plan.has(GATEWAY):
         latency = []
     names = {*(PAIRED_CONTENDERS if throughput else ()), *(("direct", *LATENCY_CONTENDERS) if latency else ())}
-    specs = [c for c in plan.contenders if c.name in names and c.name not in skipped]
+    specs = [c for c in (*plan.contenders, LATENCY_FLOOR) if c.name in names and c.name not in skipped]
     c64 = dataclasses.replace(scenario("c64"), seconds=PAIRED_SECONDS, requests=10_000_000)
     started: list[Running] = []
     try:

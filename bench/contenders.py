@@ -25,6 +25,7 @@ from typing import Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import floor_proxy
 from .loadgen import SCENARIOS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ LITELLM_REQUIREMENT = "litellm[proxy]==1.82.6"
 NGINX_TEMPLATE = ROOT / "bench" / "nginx.conf.template"
 START_SECONDS = 60.0
 
-Kind = Literal["direct", "nginx", "litellm", "edgeproxy"]
+Kind = Literal["direct", "nginx", "litellm", "edgeproxy", "floor"]
 LogMode = Literal["off", "embedded", "clickhouse"]
 
 
@@ -315,6 +316,7 @@ def start(spec: ContenderSpec, backdrop: Backdrop) -> Running:
         "nginx": _nginx,
         "litellm": _litellm,
         "edgeproxy": _edgeproxy,
+        "floor": _floor,
     }
     return starters[spec.kind](spec, backdrop)
 
@@ -345,6 +347,17 @@ def _edgeproxy(spec: ContenderSpec, backdrop: Backdrop) -> Running:
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/readyz", time.monotonic() + START_SECONDS)
     return Running(spec, url, proc, edgeproxy_version(), proc.pid)
+
+
+def _floor(spec: ContenderSpec, backdrop: Backdrop) -> Running:
+    """The aiohttp floor (bench/floor_proxy.py): what aiohttp's server and client cost a proxy alone."""
+    folder = backdrop.scratch / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = Process(spec.name, floor_proxy.command(port, backdrop.mock_url), folder / "floor.log", env=child_env())
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(url + "/v1/models", time.monotonic() + START_SECONDS)
+    return Running(spec, url, proc, "aiohttp floor", proc.pid)
 
 
 def edgeproxy_version() -> str:

@@ -9,6 +9,7 @@ its own. `python -m bench.floor_proxy --port 8788 --upstream http://127.0.0.1:99
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -36,6 +37,11 @@ async def forward(request: web.Request) -> web.StreamResponse:
             await response.write(chunk)
         await response.write_eof()
         return response
+
+
+def command(port: int, upstream: str) -> list[str]:
+    """The command line that runs the floor on `port` in front of `upstream`."""
+    return [sys.executable, "-m", "bench.floor_proxy", "--port", str(port), "--upstream", upstream]
 
 
 def create_app(upstream: str) -> web.Application:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from . import loadgen
+from . import floor_proxy, loadgen
 from .contenders import ROOT, START_SECONDS, LogMode, Process, child_env, debian_binary, free_port, start_mock
 from .loadgen import LoadResult, scenario
 
@@ -67,7 +67,7 @@ class Count:
 def server_command(kind: str, port: int, mock_url: str, data_dir: Path) -> list[str]:
     """The command line of the server measured: edgeproxy with 1 worker, or the aiohttp floor."""
     if kind == "floor":
-        return [sys.executable, "-m", "bench.floor_proxy", "--port", str(port), "--upstream", mock_url]
+        return floor_proxy.command(port, mock_url)
     return [
         sys.executable, "-m", "edgeproxy", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
         "--port", str(port), "--upstream", mock_url, "--data-dir", str(data_dir), "--workers", "1",
