@@ -198,11 +198,9 @@ async def send_whole(ex: Exchange, client: web.Response, stall_seconds: float) -
     return client
 
 
-async def _bounded(ex: Exchange, write: Awaitable[None], size: int, stall_seconds: float) -> None:
-    if may_wait(ex, size):
-        await within_stall(ex, write, stall_seconds)
-    else:
-        await write
+def _bounded(ex: Exchange, write: Awaitable[None], size: int, stall_seconds: float) -> Awaitable[None]:
+    # A plain function handing back what to await: no coroutine frame of its own on the per-chunk path.
+    return within_stall(ex, write, stall_seconds) if may_wait(ex, size) else write
 
 
 def may_wait(ex: Exchange, size: int) -> bool:
