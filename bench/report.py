@@ -276,8 +276,9 @@ def _latency_table(added: Sequence[AddedLatency]) -> list[str]:
     names = sorted(dict.fromkeys(a.contender for a in added), key=lambda name: name != GATEWAY)
     seen = {(a.contender, a.scenario) for a in added}
     columns = [(name, chosen) for chosen in LATENCY_MEASURES for name in names if (name, chosen) in seen]
-    head = ["round", *(f"{name} {scenario_name} +{LATENCY_MEASURES[scenario_name].replace('ttfb', 'TTFB')} "
-                       f"{quantile}" for name, scenario_name in columns for quantile in ("p50", "p99"))]
+    figure = {"latency": "latency", "ttfb": "TTFB"}
+    head = ["round", *(f"{name} {scenario_name} +{figure[LATENCY_MEASURES[scenario_name]]} {quantile}"
+                       for name, scenario_name in columns for quantile in ("p50", "p99"))]
     out = [(f"{len({a.round for a in added})} rounds; each runs c1 and stream-c1 on direct and each contender "
             "below, one after the other, a different one first each round. A cell is the contender's figure "
             "over direct's of the same round, in ms: the whole answer for c1, the first byte for stream-c1. "
