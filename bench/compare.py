@@ -253,7 +253,8 @@ def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
                for s in plan.scenarios if s.name in LATENCY_MEASURES]
     if not plan.has("direct") or not plan.has(GATEWAY):
         latency = []
-    names = {*(PAIRED_CONTENDERS if throughput else ()), *(("direct", *LATENCY_CONTENDERS) if latency else ())}
+    beside_direct = ("direct", *LATENCY_CONTENDERS)
+    names = {*(PAIRED_CONTENDERS if throughput else ()), *(beside_direct if latency else ())}
     specs = [c for c in (*plan.contenders, LATENCY_FLOOR) if c.name in names and c.name not in skipped]
     c64 = dataclasses.replace(scenario("c64"), seconds=PAIRED_SECONDS, requests=10_000_000)
     started: list[Running] = []
@@ -262,7 +263,7 @@ def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
             running = _start(spec, backdrop, skipped)
             if running is not None:
                 started.append(running)
-        latency_side = [r for r in started if r.spec.name in ("direct", *LATENCY_CONTENDERS)]
+        latency_side = [r for r in started if r.spec.name in beside_direct]
         paired = [r for r in started if r.spec.name in PAIRED_CONTENDERS] if throughput else []
         number, round_seconds = 0, 0.0
         while more_rounds(number, plan, time.monotonic() - run_started, round_seconds):

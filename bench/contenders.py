@@ -338,15 +338,19 @@ def _edgeproxy(spec: ContenderSpec, backdrop: Backdrop) -> Running:
         extra["EDGEPROXY_LOGS_CLICKHOUSE_URL"] = backdrop.clickhouse_url
         # Each contender its own database, so row counts are its own.
         extra["EDGEPROXY_LOGS_DATABASE"] = "bench_" + spec.name.replace("-", "_")
-    command = [
-        sys.executable, "-m", "edgeproxy", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
-        "--port", str(port), "--upstream", backdrop.mock_url, "--data-dir", str(folder / "data"),
-        "--workers", str(spec.workers),
-    ]
+    command = edgeproxy_command(port, backdrop.mock_url, folder / "data", spec.workers)
     proc = Process(spec.name, command, folder / "edgeproxy.log", env=child_env(**extra))
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/readyz", time.monotonic() + START_SECONDS)
     return Running(spec, url, proc, edgeproxy_version(), proc.pid)
+
+
+def edgeproxy_command(port: int, upstream: str, data_dir: Path, workers: int) -> list[str]:
+    """The command line that runs edgeproxy on `port` in front of `upstream`, its data under `data_dir`."""
+    return [
+        sys.executable, "-m", "edgeproxy", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
+        "--port", str(port), "--upstream", upstream, "--data-dir", str(data_dir), "--workers", str(workers),
+    ]
 
 
 def _floor(spec: ContenderSpec, backdrop: Backdrop) -> Running:

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -31,7 +30,17 @@ from pathlib import Path
 import orjson
 
 from . import floor_proxy, loadgen
-from .contenders import ROOT, START_SECONDS, LogMode, Process, child_env, debian_binary, free_port, start_mock
+from .contenders import (
+    ROOT,
+    START_SECONDS,
+    LogMode,
+    Process,
+    child_env,
+    debian_binary,
+    edgeproxy_command,
+    free_port,
+    start_mock,
+)
 from .loadgen import LoadResult, scenario
 
 # Before the count: Python's specializing interpreter, the pools and the memos settle.
@@ -68,10 +77,7 @@ def server_command(kind: str, port: int, mock_url: str, data_dir: Path) -> list[
     """The command line of the server measured: edgeproxy with 1 worker, or the aiohttp floor."""
     if kind == "floor":
         return floor_proxy.command(port, mock_url)
-    return [
-        sys.executable, "-m", "edgeproxy", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
-        "--port", str(port), "--upstream", mock_url, "--data-dir", str(data_dir), "--workers", "1",
-    ]
+    return edgeproxy_command(port, mock_url, data_dir, workers=1)
 
 
 def thread_totals(dump_files: Sequence[Path]) -> dict[int, int]:
