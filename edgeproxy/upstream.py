@@ -323,7 +323,6 @@ class Forwarder:
             ex.outcome = "cancelled"
         return client
 
-
     @staticmethod
     async def _send_whole(ex: Exchange, client: web.Response, stall_seconds: float) -> web.Response:
         """Send now, so the stages after this one (cache, limits, log) cost the client nothing."""
