@@ -11,8 +11,8 @@ own, so a plain request passes the five inner stages as plain calls (with `_bind
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
+import os
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Protocol
 
 from aiohttp import web
@@ -52,10 +52,31 @@ def _bind(stage: Stage, call_next: Handler) -> Handler:
 def gateway_handler(pipeline: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The aiohttp handler: one Exchange per request, handed to the pipeline."""
 
+    ids = request_ids()
+
     async def handle(request: web.Request) -> web.StreamResponse:
-        return await pipeline(Exchange(request, NO_OPTIONS, str(uuid.uuid4())))
+        return await pipeline(Exchange(request, NO_OPTIONS, next(ids)))
 
     return handle
+
+
+# Random ids read from the OS per this many requests: `str(uuid.uuid4())` cost a getrandom call and
+# a UUID object each (~7 µs on a slow core); a block read and a format cost ~1.8 µs an id.
+IDS_PER_READ = 256
+# The variant digit (RFC 9562: bits 10xx) for each hex digit the random source gave.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def request_ids() -> Iterator[str]:
+    """Version-4 UUIDs in canonical form, from the same random source as `uuid.uuid4()`.
+
+    One per process: a worker is spawned, never forked, so no two share a block.
+    """
+    while True:
+        block = os.urandom(16 * IDS_PER_READ).hex()
+        for start in range(0, len(block), 32):
+            h = block[start : start + 32]
+            yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 class Intake:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from collections.abc import Awaitable
 
 import pytest
@@ -9,7 +11,7 @@ from aiohttp import web
 
 from edgeproxy.errors import GatewayError
 from edgeproxy.exchange import Exchange
-from edgeproxy.pipeline import Handler, chain
+from edgeproxy.pipeline import IDS_PER_READ, Handler, chain, request_ids
 
 
 class Waiting:
@@ -62,3 +64,13 @@ async def test_a_stage_that_refuses_without_awaiting_is_seen_by_the_outer_ones()
     with pytest.raises(GatewayError):
         await handler(None)  # type: ignore[arg-type]
     assert seen == ["a", "b", "/a"]
+
+
+def test_request_ids_are_distinct_canonical_version_4_uuids_across_blocks() -> None:
+    ids = list(itertools.islice(request_ids(), 3 * IDS_PER_READ + 1))
+    parsed = [uuid.UUID(request_id) for request_id in ids]
+    assert [str(u) for u in parsed] == ids
+    assert {(u.version, u.variant) for u in parsed} == {(4, uuid.RFC_4122)}
+    assert len(set(ids)) == len(ids)
+    # Random bits survive the version and variant: every variant digit turns up.
+    assert {request_id[19] for request_id in ids} == set("89ab")
