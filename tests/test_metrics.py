@@ -13,11 +13,17 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgeproxy.metric_labels import OTHER
-from edgeproxy.metrics import Metrics, mark_worker_dead, prepare_multiprocess_dir, render_metrics
+from edgeproxy.metrics import (
+    FINISHED_MAX,
+    Metrics,
+    mark_worker_dead,
+    prepare_multiprocess_dir,
+    render_metrics,
+)
 from edgeproxy.pricing import PriceTable
 from edgeproxy.settings import AppPolicy, Settings, TargetSettings
 
@@ -246,6 +252,40 @@ async def test_sync_periodically_runs_until_cancelled(metrics: Metrics) -> None:
         await task
 
 
+def requests_counted(metrics: Metrics) -> float:
+    """The requests counter as the registry holds it now, without a sync."""
+    found = samples(generate_latest(metrics.registry))
+    return sum(v for (name, _), v in found.items() if name == "edgeproxy_requests_total")
+
+
+async def test_finished_requests_are_counted_at_sync_and_when_the_sync_task_stops(metrics: Metrics) -> None:
+    observe(metrics)
+    observe(metrics, cost_usd=0.5)
+    # Held until a sync: the hot path only noted them.
+    assert requests_counted(metrics) == 0
+    metrics.sync()
+    assert requests_counted(metrics) == 2
+    found = samples(generate_latest(metrics.registry))
+    assert value(found, "edgeproxy_cost_usd_total", target="openai", model="gpt-4o-mini") == pytest.approx(0.5125)
+    assert value(found, "edgeproxy_time_to_first_byte_seconds_count", target="openai", endpoint="chat") == 2
+    # A stopping worker's last requests are counted when its sync task is cancelled.
+    task = asyncio.create_task(metrics.sync_periodically(3600))
+    await asyncio.sleep(0)
+    observe(metrics)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert requests_counted(metrics) == 3
+
+
+def test_finished_requests_past_the_bound_are_counted_without_a_sync(metrics: Metrics) -> None:
+    for _ in range(FINISHED_MAX - 1):
+        observe(metrics)
+    assert requests_counted(metrics) == 0
+    observe(metrics)
+    assert requests_counted(metrics) == FINISHED_MAX
+
+
 async def test_served_over_http(metrics: Metrics) -> None:
     observe(metrics)
 
@@ -284,7 +324,7 @@ def test_env_set_after_import_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_pa
 WORKER = textwrap.dedent(
     """
     import sys
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, generate_latest
     from edgeproxy.metrics import Metrics, render_metrics
     from edgeproxy.pricing import PriceTable
 
