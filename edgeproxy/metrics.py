@@ -14,8 +14,8 @@ collectors are not aggregated across processes, so every worker runs `sync_perio
 and `render_metrics` syncs once more, making the scraped worker exact and the others at most
 one interval old.
 
-Finished requests wait for the same sync: `observe_request` keeps its values in a list, and
-the sync counts them in one pass, each counter added to once per label set. Per request, the
+Finished requests wait for the same sync: `observe_request` keeps their timings and sums by
+label set, and the sync hands them over, each counter added to once per label set. Per request, the
 locked counter updates and the histograms' code on the hot path cost more (~65 kIr of ~855
 at concurrency 1) than the figures are worth between scrapes.
 """
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import defaultdict
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -53,8 +53,8 @@ GaugeMode = Literal["livesum", "livemax"]
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 CIRCUIT_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 # Finished requests held for the next sync at most: past it they are counted at once (a stalled sync
-# task cannot grow the list).
-FINISHED_MAX = 10_000
+# task cannot grow what is held).
+HELD_MAX = 10_000
 # Past this size the memo of label children is cleared (hostile model names and paths cannot grow
 # it), as the model-label memo is.
 _CHILDREN_MAX = 4096
@@ -100,7 +100,9 @@ class Metrics:
         self._target_label = LabelSet(targets or (), spare=8 if targets is not None else SPARE_VALUES)
         self._free_labels: dict[str, LabelSet] = {}
         self._request_children: dict[_Given, _RequestChildren] = {}
-        self._finished: list[_Finished] = []
+        # Finished requests by their label values as given, until the next sync counts them.
+        self._held: dict[_Given, _Held] = {}
+        self._held_requests = 0
         self._log_source: Callable[[], LogStats] | None = None
         self._log_seen = dict.fromkeys(_LOG_COUNTERS, 0)
         self._in_flight = 0
@@ -175,49 +177,64 @@ class Metrics:
     ) -> None:
         """Count one finished request at the next `sync()`; `cache` is hit or miss (either case),
         anything else is `off`."""
-        self._finished.append(
-            _Finished(
-                (target, model, endpoint, status, cache, outcome), duration_s, ttfb_s, upstream_s, overhead_s,
-                prompt_tokens, completion_tokens, cached_tokens, cost_usd, cost_saved_usd,
-            )
-        )
-        if len(self._finished) >= FINISHED_MAX:
-            self._count_finished()
+        given = (target, model, endpoint, status, cache, outcome)
+        held = self._held.get(given)
+        if held is None:
+            children = self._request_children.get(given) or self._children(given)
+            held = self._held[given] = _Held(children)
+        held.requests += 1
+        held.durations.append(duration_s)
+        if ttfb_s is not None:
+            held.ttfbs.append(ttfb_s)
+        if upstream_s is not None:
+            held.upstreams.append(upstream_s)
+        if overhead_s is not None:
+            held.overheads.append(overhead_s)
+        if prompt_tokens is not None and prompt_tokens > 0:
+            held.prompt_tokens += prompt_tokens
+        if completion_tokens is not None and completion_tokens > 0:
+            held.completion_tokens += completion_tokens
+        if cached_tokens is not None and cached_tokens > 0:
+            held.cached_tokens += cached_tokens
+        if cost_usd is not None:
+            if cost_usd > 0:
+                held.cost += cost_usd
+        elif prompt_tokens is not None:
+            held.unpriced += 1
+        if cost_saved_usd is not None and cost_saved_usd > 0:
+            held.cost_saved += cost_saved_usd  # counted for cache hits only (`_count_held`)
+        self._held_requests += 1
+        if self._held_requests >= HELD_MAX:
+            self._count_held()
 
-    def _count_finished(self) -> None:
-        """The requests finished since the last sync: each histogram observes every request, each
-        counter is added to once per label set (its sum), where every request cost it a locked update."""
-        finished, self._finished = self._finished, []
-        sums: dict[Counter, float] = defaultdict(float)
-        for done in finished:
-            children = self._request_children.get(done.given)
-            if children is None:
-                children = self._children(done.given)
-            sums[children.requests] += 1
-            children.duration.observe(done.duration_s)
-            if done.ttfb_s is not None:
-                children.ttfb.observe(done.ttfb_s)
-            if done.upstream_s is not None:
-                children.upstream.observe(done.upstream_s)
-            if done.overhead_s is not None:
-                children.overhead.observe(done.overhead_s)
-            if done.prompt_tokens is not None and done.prompt_tokens > 0:
-                sums[children.prompt_tokens] += done.prompt_tokens
-            if done.completion_tokens is not None and done.completion_tokens > 0:
-                sums[children.completion_tokens] += done.completion_tokens
-            if done.cached_tokens is not None and done.cached_tokens > 0:
-                sums[children.cached_tokens] += done.cached_tokens
-            if done.cost_usd is not None:
-                if done.cost_usd > 0:
-                    sums[children.cost] += done.cost_usd
-            elif done.prompt_tokens is not None:
-                sums[children.unpriced] += 1
+    def _count_held(self) -> None:
+        """Hand the requests held since the last sync to prometheus-client: every timing to its
+        histogram, each counter's sum to the counter in one update."""
+        held, self._held, self._held_requests = self._held, {}, 0
+        for waiting in held.values():
+            children = waiting.children
+            for histogram, timings in (
+                (children.duration, waiting.durations),
+                (children.ttfb, waiting.ttfbs),
+                (children.upstream, waiting.upstreams),
+                (children.overhead, waiting.overheads),
+            ):
+                for seconds in timings:
+                    histogram.observe(seconds)
+            children.requests.inc(waiting.requests)
+            for counter, amount in (
+                (children.prompt_tokens, waiting.prompt_tokens),
+                (children.completion_tokens, waiting.completion_tokens),
+                (children.cached_tokens, waiting.cached_tokens),
+                (children.cost, waiting.cost),
+                (children.unpriced, waiting.unpriced),
+            ):
+                if amount:
+                    counter.inc(amount)
             if children.cache_hit:
-                sums[self.cache_hits] += 1
-                if done.cost_saved_usd is not None and done.cost_saved_usd > 0:
-                    sums[children.cost_saved] += done.cost_saved_usd
-        for counter, amount in sums.items():
-            counter.inc(amount)
+                self.cache_hits.inc(waiting.requests)
+                if waiting.cost_saved:
+                    children.cost_saved.inc(waiting.cost_saved)
 
     def _children(self, given: _Given) -> _RequestChildren:
         target, model, endpoint, status, cache, outcome = given
@@ -309,7 +326,7 @@ class Metrics:
     def sync(self) -> None:
         """Count the requests finished since the last sync; copy the requests in flight into their
         gauge, and the watched log stats into the counters (by delta) and the queue gauge."""
-        self._count_finished()
+        self._count_held()
         self.in_flight.set(self._in_flight)
         if self._log_source is None:
             return
@@ -339,19 +356,39 @@ class Metrics:
 _Given = tuple[str, str, str, int, str, str]
 
 
-class _Finished(NamedTuple):
-    """One finished request, as `observe_request` was told it, until the next sync counts it."""
+class _Held:
+    """One label set's finished requests until the next sync: the timings in arrays, the counters
+    as sums. Nothing the cycle collector tracks is made per request (a tuple per request, held for
+    a second, cost the logging gateway more in collections than it saved)."""
 
-    given: _Given
-    duration_s: float
-    ttfb_s: float | None
-    upstream_s: float | None
-    overhead_s: float | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cached_tokens: int | None
-    cost_usd: float | None
-    cost_saved_usd: float | None
+    __slots__ = (
+        "cached_tokens",
+        "children",
+        "completion_tokens",
+        "cost",
+        "cost_saved",
+        "durations",
+        "overheads",
+        "prompt_tokens",
+        "requests",
+        "ttfbs",
+        "unpriced",
+        "upstreams",
+    )
+
+    def __init__(self, children: _RequestChildren) -> None:
+        self.children = children
+        self.requests = 0
+        self.durations = array("d")
+        self.ttfbs = array("d")
+        self.upstreams = array("d")
+        self.overheads = array("d")
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.cost = 0.0
+        self.unpriced = 0
+        self.cost_saved = 0.0
 
 
 @dataclass(frozen=True, slots=True)

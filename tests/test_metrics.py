@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgeproxy.metric_labels import OTHER
 from edgeproxy.metrics import (
-    FINISHED_MAX,
+    HELD_MAX,
     Metrics,
     mark_worker_dead,
     prepare_multiprocess_dir,
@@ -279,11 +279,11 @@ async def test_finished_requests_are_counted_at_sync_and_when_the_sync_task_stop
 
 
 def test_finished_requests_past_the_bound_are_counted_without_a_sync(metrics: Metrics) -> None:
-    for _ in range(FINISHED_MAX - 1):
+    for _ in range(HELD_MAX - 1):
         observe(metrics)
     assert requests_counted(metrics) == 0
     observe(metrics)
-    assert requests_counted(metrics) == FINISHED_MAX
+    assert requests_counted(metrics) == HELD_MAX
 
 
 async def test_served_over_http(metrics: Metrics) -> None:
