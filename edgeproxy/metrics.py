@@ -14,19 +14,15 @@ collectors are not aggregated across processes, so every worker runs `sync_perio
 and `render_metrics` syncs once more, making the scraped worker exact and the others at most
 one interval old.
 
-Finished requests wait for the same sync: `observe_request` keeps their timings and sums by
-label set, and the sync hands them over, each counter added to once per label set. Per request, the
-locked counter updates and the histograms' code on the hot path cost more (~65 kIr of ~855
-at concurrency 1) than the figures are worth between scrapes.
+Finished requests wait for the same sync: `observe_request` holds their timings and sums by
+label set (metric_requests.py), and the sync hands them over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from array import array
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -44,6 +40,7 @@ from .metric_labels import (
     ModelLabels,
     status_class,
 )
+from .metric_requests import Given, HeldRequests, RequestChildren
 from .pricing import PriceTable
 from .settings import Settings
 
@@ -99,9 +96,9 @@ class Metrics:
         self._model_label = ModelLabels(prices, models)
         self._target_label = LabelSet(targets or (), spare=8 if targets is not None else SPARE_VALUES)
         self._free_labels: dict[str, LabelSet] = {}
-        self._request_children: dict[_Given, _RequestChildren] = {}
+        self._request_children: dict[Given, RequestChildren] = {}
         # Finished requests by their label values as given, until the next sync counts them.
-        self._held: dict[_Given, _Held] = {}
+        self._held: dict[Given, HeldRequests] = {}
         self._held_requests = 0
         self._log_source: Callable[[], LogStats] | None = None
         self._log_seen = dict.fromkeys(_LOG_COUNTERS, 0)
@@ -181,7 +178,7 @@ class Metrics:
         held = self._held.get(given)
         if held is None:
             children = self._request_children.get(given) or self._children(given)
-            held = self._held[given] = _Held(children)
+            held = self._held[given] = HeldRequests(children)
         held.requests += 1
         held.durations.append(duration_s)
         if ttfb_s is not None:
@@ -202,41 +199,18 @@ class Metrics:
         elif prompt_tokens is not None:
             held.unpriced += 1
         if cost_saved_usd is not None and cost_saved_usd > 0:
-            held.cost_saved += cost_saved_usd  # counted for cache hits only (`_count_held`)
+            held.cost_saved += cost_saved_usd  # counted for cache hits only (`hand_over`)
         self._held_requests += 1
         if self._held_requests >= HELD_MAX:
             self._count_held()
 
     def _count_held(self) -> None:
-        """Hand the requests held since the last sync to prometheus-client: every timing to its
-        histogram, each counter's sum to the counter in one update."""
+        """Hand the requests held since the last sync to prometheus-client."""
         held, self._held, self._held_requests = self._held, {}, 0
         for waiting in held.values():
-            children = waiting.children
-            for histogram, timings in (
-                (children.duration, waiting.durations),
-                (children.ttfb, waiting.ttfbs),
-                (children.upstream, waiting.upstreams),
-                (children.overhead, waiting.overheads),
-            ):
-                for seconds in timings:
-                    histogram.observe(seconds)
-            children.requests.inc(waiting.requests)
-            for counter, amount in (
-                (children.prompt_tokens, waiting.prompt_tokens),
-                (children.completion_tokens, waiting.completion_tokens),
-                (children.cached_tokens, waiting.cached_tokens),
-                (children.cost, waiting.cost),
-                (children.unpriced, waiting.unpriced),
-            ):
-                if amount:
-                    counter.inc(amount)
-            if children.cache_hit:
-                self.cache_hits.inc(waiting.requests)
-                if waiting.cost_saved:
-                    children.cost_saved.inc(waiting.cost_saved)
+            waiting.hand_over(self.cache_hits)
 
-    def _children(self, given: _Given) -> _RequestChildren:
+    def _children(self, given: Given) -> RequestChildren:
         target, model, endpoint, status, cache, outcome = given
         key = (
             self._target_label(target),
@@ -248,7 +222,7 @@ class Metrics:
         )
         target, model, endpoint = key[0], key[1], key[2]
         # prometheus-client keeps one child per label values, so equal labels share these.
-        children = _RequestChildren(
+        children = RequestChildren(
             requests=self.requests.labels(*key),
             duration=self.request_duration.labels(target, endpoint),
             ttfb=self.time_to_first_byte.labels(target, endpoint),
@@ -350,63 +324,6 @@ class Metrics:
                 await asyncio.sleep(interval_s)
         finally:
             self.sync()
-
-
-# The label values of one finished request as given: target, model, endpoint, status, cache, outcome.
-_Given = tuple[str, str, str, int, str, str]
-
-
-class _Held:
-    """One label set's finished requests until the next sync: the timings in arrays, the counters
-    as sums. Nothing the cycle collector tracks is made per request (a tuple per request, held for
-    a second, cost the logging gateway more in collections than it saved)."""
-
-    __slots__ = (
-        "cached_tokens",
-        "children",
-        "completion_tokens",
-        "cost",
-        "cost_saved",
-        "durations",
-        "overheads",
-        "prompt_tokens",
-        "requests",
-        "ttfbs",
-        "unpriced",
-        "upstreams",
-    )
-
-    def __init__(self, children: _RequestChildren) -> None:
-        self.children = children
-        self.requests = 0
-        self.durations = array("d")
-        self.ttfbs = array("d")
-        self.upstreams = array("d")
-        self.overheads = array("d")
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.cached_tokens = 0
-        self.cost = 0.0
-        self.unpriced = 0
-        self.cost_saved = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class _RequestChildren:
-    """The labelled children one request touches, resolved once per combination of its values."""
-
-    requests: Counter
-    duration: Histogram
-    ttfb: Histogram
-    upstream: Histogram
-    overhead: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
-    cached_tokens: Counter
-    cost: Counter
-    cost_saved: Counter
-    unpriced: Counter
-    cache_hit: bool
 
 
 def _counter(registry: CollectorRegistry, thing: str, documentation: str, *labels: str) -> Counter:

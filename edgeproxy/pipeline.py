@@ -49,17 +49,6 @@ def _bind(stage: Stage, call_next: Handler) -> Handler:
     return handler
 
 
-def gateway_handler(pipeline: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The aiohttp handler: one Exchange per request, handed to the pipeline."""
-
-    ids = request_ids()
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await pipeline(Exchange(request, NO_OPTIONS, next(ids)))
-
-    return handle
-
-
 # Random ids read from the OS per this many requests: `str(uuid.uuid4())` cost a getrandom call and
 # a UUID object each (~7 µs on a slow core); a block read and a format cost ~1.8 µs an id.
 IDS_PER_READ = 256
@@ -77,6 +66,17 @@ def request_ids() -> Iterator[str]:
         for start in range(0, len(block), 32):
             h = block[start : start + 32]
             yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+def gateway_handler(pipeline: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler: one Exchange per request, handed to the pipeline."""
+
+    ids = request_ids()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await pipeline(Exchange(request, NO_OPTIONS, next(ids)))
+
+    return handle
 
 
 class Intake:
