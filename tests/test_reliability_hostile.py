@@ -362,7 +362,9 @@ async def live_fuzz(start_gateway: GatewayFactory, mock: Any, examples: int) -> 
     )
     port = URL(gateway.url).port
     assert port is not None
-    handled: dict[str, int] = {}
+    # Request id → the statuses it was answered with: the fuzz names its own ids too
+    # (Helicone-Request-Id), and may name one twice, each logged under it.
+    handled: dict[str, set[int]] = {}
     statuses: dict[int, int] = {}
 
     @settings(
@@ -378,7 +380,7 @@ async def live_fuzz(start_gateway: GatewayFactory, mock: Any, examples: int) -> 
         statuses[reply.status] = statuses.get(reply.status, 0) + 1
         request_id = reply.header("Helicone-Id")
         if request_id is not None:
-            handled[request_id.decode()] = reply.status
+            handled.setdefault(request_id.decode(), set()).add(reply.status)
 
     # Hypothesis drives examples synchronously, so it runs in a thread beside the event loop.
     await asyncio.to_thread(one)
@@ -389,7 +391,7 @@ async def live_fuzz(start_gateway: GatewayFactory, mock: Any, examples: int) -> 
 
     await wait_until(all_logged, timeout=20, interval=0.1)
     rows = await logged_rows(store)
-    assert {i: rows[i]["status"] for i in handled} == handled
+    assert all(rows[i]["status"] in answered for i, answered in handled.items())
     assert batcher.stats.rows_rejected == 0 and batcher.stats.rows_dropped == 0
     await assert_alive(gateway)
     print(
