@@ -2,7 +2,8 @@
 
 Per request, prometheus-client's locked counter updates and histogram code cost ~65 kIr of ~875
 at concurrency 1 (bench/README.md). Held here, a request is a few appends and additions; once a
-second the sync observes every timing in one warm pass and adds each counter's sum in one update.
+second (or per 256 requests) the sync observes every timing in one warm pass and adds each
+counter's sum in one update.
 """
 
 from __future__ import annotations
