@@ -324,7 +324,7 @@ def test_env_set_after_import_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_pa
 WORKER = textwrap.dedent(
     """
     import sys
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import CollectorRegistry
     from edgeproxy.metrics import Metrics, render_metrics
     from edgeproxy.pricing import PriceTable
 
