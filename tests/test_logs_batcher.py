@@ -21,7 +21,7 @@ import pytest
 
 from edgeproxy.logs.batcher import LogBatcher
 from edgeproxy.logs.migrate import migrate
-from edgeproxy.logs.record import LogRecord
+from edgeproxy.logs.record import LogRecord, Row
 from edgeproxy.logs.spool import Spool
 from edgeproxy.logs.store import LogStore, open_log_store
 from edgeproxy.settings import LogSettings
@@ -102,6 +102,10 @@ def record(**fields: Any) -> LogRecord:
     return LogRecord(**fields)
 
 
+def row(**fields: Any) -> Row:
+    return record(**fields).to_row()
+
+
 async def test_a_queued_request_is_one_object_for_the_collector(
     batchers: Callable[..., Awaitable[LogBatcher]], dead_store: LogStore
 ) -> None:
@@ -112,7 +116,7 @@ async def test_a_queued_request_is_one_object_for_the_collector(
     try:
         before = gc.get_count()[0]
         for _ in range(1000):
-            assert batcher.submit(record(properties={}))
+            assert batcher.submit(row(properties={}))
         held = gc.get_count()[0] - before
     finally:
         gc.enable()
@@ -144,7 +148,7 @@ def dead_store(tmp_path: Path) -> Iterator[LogStore]:
 async def test_flushes_by_size(store: LogStore, batchers: Callable[..., Awaitable[LogBatcher]]) -> None:
     batcher = await batchers(store, batch_rows=50, flush_seconds=30.0)
     records = [record() for _ in range(120)]
-    assert all(batcher.submit(r) for r in records)
+    assert all(batcher.submit(r.to_row()) for r in records)
     await wait_until(lambda: batcher.stats.rows_written == 100)
     # The rest waits for a full batch or the 30 s deadline, not flushed early.
     assert batcher.stats.queue_depth == 20
@@ -156,7 +160,7 @@ async def test_flushes_by_time(store: LogStore, batchers: Callable[..., Awaitabl
     started = time.monotonic()
     records = [record() for _ in range(3)]
     for r in records:
-        batcher.submit(r)
+        batcher.submit(r.to_row())
     await wait_until(lambda: batcher.stats.rows_written == 3, timeout=5.0)
     assert time.monotonic() - started >= 0.25
     assert await landed(store) == {r.request_id for r in records}
@@ -168,12 +172,12 @@ async def test_close_drains_the_queue(
     batcher = await batchers(store, batch_rows=1000, flush_seconds=60.0)
     records = [record() for _ in range(30)]
     for r in records:
-        batcher.submit(r)
+        batcher.submit(r.to_row())
     await batcher.close(timeout=5.0)
     assert batcher.stats.rows_written == 30
     assert await landed(store) == {r.request_id for r in records}
     assert batcher.spool.segments() == []
-    assert not batcher.submit(record())  # closed: refused and counted
+    assert not batcher.submit(row())  # closed: refused and counted
     assert batcher.stats.rows_dropped == 1
 
 
@@ -191,7 +195,7 @@ async def test_submit_never_blocks_on_a_hung_store(
     try:
         batcher = await batchers(store, batch_rows=10, flush_seconds=0.01, queue_max_rows=100)
         started = time.perf_counter()
-        accepted = [batcher.submit(record()) for _ in range(1000)]
+        accepted = [batcher.submit(row()) for _ in range(1000)]
         assert time.perf_counter() - started < 0.5
         assert accepted.count(True) == 100
         assert batcher.stats.rows_dropped == batcher.stats.rows_dropped_queue_full == 900
@@ -218,7 +222,7 @@ async def test_spool_budget_drops_are_counted(
     batcher = await batchers(dead_store, spool_max_bytes=3000, batch_rows=5, flush_seconds=0.01, **FAST)
     with caplog.at_level(logging.WARNING, logger="edgeproxy.logs"):
         for _ in range(60):
-            batcher.submit(record())
+            batcher.submit(row())
         await wait_until(lambda: batcher.stats.rows_spooled + batcher.stats.rows_dropped == 60)
     stats = batcher.stats
     assert stats.rows_spooled > 0
@@ -275,7 +279,7 @@ async def test_outage_spools_then_every_row_lands_once(
     async def send(n: int) -> None:
         for _ in range(n):
             r = record()
-            assert batcher.submit(r)
+            assert batcher.submit(r.to_row())
             sent.append(r.request_id)
             await asyncio.sleep(0)
 
@@ -308,7 +312,7 @@ async def test_restart_replays_the_spool_a_previous_run_left(
     first = await batchers(dead_store, batch_rows=10, flush_seconds=60.0, **FAST)
     records = [record() for _ in range(25)]
     for r in records:
-        first.submit(r)
+        first.submit(r.to_row())
     await first.close(timeout=2.0)
     await dead_store.close()
     assert first.stats.rows_spooled == 25
@@ -332,10 +336,10 @@ async def test_a_batch_the_store_refuses_is_rejected_not_blocking(
     store: LogStore, batchers: Callable[..., Awaitable[LogBatcher]]
 ) -> None:
     batcher = await batchers(store, batch_rows=1, flush_seconds=0.01, reject_after=0.2, **FAST)
-    batcher.submit(record(request_id="not-a-uuid"))
+    batcher.submit(row(request_id="not-a-uuid"))
     good = [record() for _ in range(5)]
     for r in good:
-        batcher.submit(r)
+        batcher.submit(r.to_row())
     await wait_until(lambda: batcher.stats.rows_rejected == 1 and batcher.stats.store_up, timeout=10.0)
     await wait_until(lambda: batcher.stats.rows_written + batcher.stats.rows_replayed == 5)
     assert await landed(store) == {r.request_id for r in good}
@@ -354,7 +358,7 @@ async def test_starts_while_clickhouse_is_down_and_migrates_when_it_is_back(
         )
         records = [record() for _ in range(12)]
         for r in records:
-            batcher.submit(r)
+            batcher.submit(r.to_row())
         await wait_until(lambda: batcher.stats.rows_spooled == 12)
         assert not batcher.stats.store_up
     finally:

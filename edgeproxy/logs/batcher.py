@@ -1,9 +1,10 @@
 """LogBatcher: request records to the store in batches, off the request path, never lost silently.
 
-`submit(record)` is synchronous and O(1): it appends the record's row to a bounded in-memory queue
-and returns. The queue holds rows, not records: a row is one object for the cycle collector to
-count where a record is three (itself and its two dicts), and a second of queued records was what
-pushed the young generation past its threshold under load (see serve.GC_YOUNG_THRESHOLD).
+`submit(row)` is synchronous and O(1): it appends the request's row (a plain tuple, see
+record.py) to a bounded in-memory queue and returns. Rows, not LogRecords: a row is one object for
+the cycle collector to count where a record is three (itself and its two dicts), and a second of
+queued records was what pushed the young generation past its threshold under load (see
+serve.GC_YOUNG_THRESHOLD).
 One loop flushes a batch when `batch_rows` rows are waiting or `flush_seconds` after the batch's
 first row, whichever comes first. A batch the store does not take goes to the on-disk spool at
 once, so the queue never stalls behind a dead ClickHouse; while the store is down (or its
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..settings import LogSettings
-from .record import LogRecord, Row
+from .record import Row
 from .replay import SpoolReplay, StoreHealth
 from .spool import Spool
 from .store import LogStore
@@ -80,7 +81,7 @@ class LogStats:
 
 
 class LogBatcher:
-    """Batches LogRecords into a LogStore, spilling to a Spool when the store fails.
+    """Batches log rows into a LogStore, spilling to a Spool when the store fails.
 
     Call `submit` from the event loop's thread only. Usage::
 
@@ -88,7 +89,7 @@ class LogBatcher:
         spool = Spool(data_dir / "spool", s.spool_max_bytes)
         batcher = LogBatcher(store, spool, s, prepare=lambda: migrate(store, ttl_days=s.ttl_days))
         await batcher.start()       # returns at once, even while ClickHouse is down
-        batcher.submit(record)      # per request, in the pipeline's `finally`
+        batcher.submit(row)         # per request, in the pipeline's `finally`
         await batcher.close(timeout=5.0)
         await store.close()
     """
@@ -166,8 +167,8 @@ class LogBatcher:
             store_up=self._health.up,
         )
 
-    def submit(self, record: LogRecord) -> bool:
-        """Queue a record for the log; False (counted, never raised) when the queue is full or closed."""
+    def submit(self, row: Row) -> bool:
+        """Queue a row (`COLUMNS` order) for the log; False (counted, never raised) when the queue is full or closed."""
         rows = self._rows
         if len(rows) >= self._max_rows or not self._accepting:
             self._dropped_queue += 1
@@ -175,7 +176,7 @@ class LogBatcher:
                 self._warned_queue = True
                 log.warning("request log queue is full (%d rows): dropping records", len(rows))
             return False
-        rows.append(record.to_row())
+        rows.append(row)
         if len(rows) == 1:
             self._arrived.set()
         if len(rows) >= self._batch_rows:

@@ -1,4 +1,9 @@
-"""LogRecord: one row per request, filled by the pipeline, turned into a ClickHouse row once."""
+"""One row per request: its columns, the named form of a row (LogRecord), and body capping.
+
+The gateway builds each request's row as a plain tuple in `COLUMNS` order (observe.py): the named
+form's 34 keyword arguments and its conversion cost ~3 µs a request on the event loop, about a
+third of what logging adds there. LogRecord is that same row with names, for tests and tools.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ NO_PROPERTIES: dict[str, str] = {}
 
 @dataclass(slots=True)
 class LogRecord:
-    """What the log keeps of one request; `None` means unknown (an unpriced model's cost is None, not 0)."""
+    """What the log keeps of one request, by name; `None` means unknown (an unpriced model's cost is None, not 0)."""
 
     request_id: str
     started_at: float
@@ -96,8 +101,7 @@ class LogRecord:
         """The record as a tuple in `COLUMNS` order, ready for clickhouse-connect and the spool."""
         return (
             self.request_id,
-            # DateTime64(3) ticks: clickhouse-connect writes ints as-is, skipping datetime conversion.
-            int(self.started_at * 1000),
+            datetime64_ms(self.started_at),
             self.latency_ms,
             self.ttfb_ms,
             self.upstream_ms,
@@ -114,10 +118,7 @@ class LogRecord:
             self.session_id,
             self.session_path,
             self.session_name,
-            # default=str: a stray non-JSON value must not fail the whole batch.
-            orjson.dumps(self.params, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-            if self.params
-            else "{}",
+            params_json(self.params),
             self.request_body,
             self.request_truncated,
             self.response_body,
@@ -134,6 +135,19 @@ class LogRecord:
             self.error,
             self.outcome,
         )
+
+
+def datetime64_ms(seconds: float) -> int:
+    """A Unix time as DateTime64(3) ticks: clickhouse-connect writes ints as-is, skipping datetime conversion."""
+    return int(seconds * 1000)
+
+
+def params_json(params: dict[str, Any] | None) -> str:
+    """The `params` column: the logged request parameters as a JSON object."""
+    if not params:
+        return "{}"
+    # default=str: a stray non-JSON value must not fail the whole batch.
+    return orjson.dumps(params, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def cap_body(body: bytes | str | None, limit: int) -> tuple[str | None, bool]:
