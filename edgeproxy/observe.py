@@ -92,7 +92,7 @@ class Observe:
         try:
             now = time.perf_counter()
             cost = self._cost(ex)
-            # Without a log, no row: the metrics read the exchange (a row costs ~6 µs a request).
+            # Without a log, no row: the metrics read the exchange (a row costs the loop ~10 µs under load).
             if self._sink is not None:
                 self._sink.submit(self.build_row(ex, now, cost))
             self._count(ex, now, cost)

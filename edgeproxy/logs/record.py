@@ -1,8 +1,9 @@
 """One row per request: its columns, the named form of a row (LogRecord), and body capping.
 
 The gateway builds each request's row as a plain tuple in `COLUMNS` order (observe.py): the named
-form's 34 keyword arguments and its conversion cost ~3 µs a request on the event loop, about a
-third of what logging adds there. LogRecord is that same row with names, for tests and tools.
+form's 34 keyword arguments and its conversion took ~3 µs a request on the event loop, half of
+what building the row took (bench/README.md). LogRecord is that same row with names, for tests
+and tools.
 """
 
 from __future__ import annotations
