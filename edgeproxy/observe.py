@@ -40,14 +40,14 @@ LOGGED_PARAMS = frozenset({
 _OUTCOME_BY_STATUS = {401: "unauthorized", 403: "forbidden", 413: "rejected", 429: "rate_limited"}
 
 
-class RecordSink(Protocol):
+class RowSink(Protocol):
     def submit(self, row: Row) -> bool: ...
 
 
 class Observe:
     """Renders GatewayErrors, survives anything else, and records every request exactly once."""
 
-    def __init__(self, sink: RecordSink | None, prices: PriceTable, metrics: Metrics, body_max_bytes: int) -> None:
+    def __init__(self, sink: RowSink | None, prices: PriceTable, metrics: Metrics, body_max_bytes: int) -> None:
         self._sink = sink
         self._prices = prices
         self._metrics = metrics
