@@ -161,7 +161,7 @@ def _log_owner(settings: Settings) -> Iterator[Settings]:
     from .logs.store import embedded_folder
 
     folder = embedded_folder(settings.data_dir)
-    server = EmbeddedServer(folder, password=secrets.token_urlsafe(24))
+    server = EmbeddedServer(folder, password=secrets.token_urlsafe(24), engine_nice=logs.engine_nice)
     try:
         server.start()
         _wait_until_answering(f"http://127.0.0.1:{server.port}/ping", LOG_SERVER_START_SECONDS)

@@ -78,6 +78,9 @@ class LogSettings:
     ttl_days: int = 0
     body_max_bytes: int = 64 * 1024
     enabled: bool = True
+    # Nice value of the embedded store's engine threads (logs/engine_threads.py); 0 leaves them
+    # at the gateway's priority. 19, the lowest: the log yields the cores to serving.
+    engine_nice: int = 19
     # HTTP client bounds, so a dead or hung server fails a flush fast and the batch is spooled.
     connect_timeout_seconds: float = 2.0
     timeout_seconds: float = 10.0

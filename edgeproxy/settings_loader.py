@@ -171,6 +171,8 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"timeouts.{f.name} must be a positive number of seconds")
     if not 0 <= s.server.port < 65536:
         raise SettingsError("server.port must be 0..65535")
+    if not 0 <= s.logs.engine_nice <= 19:
+        raise SettingsError("logs.engine_nice must be 0..19 (0 leaves the embedded store's threads at the gateway's priority)")
     if s.auth.algorithm not in ("HS256", "RS256", "EdDSA"):
         raise SettingsError("auth.algorithm must be HS256, RS256 or EdDSA")
     for url, where in ((s.cache.url, "cache.url"), (s.ratelimit.url, "ratelimit.url")):

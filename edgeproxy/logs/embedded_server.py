@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
+from .engine_threads import EngineThreads
+
 # URL parameters that steer the HTTP transport rather than the query (the real server eats them too).
 TRANSPORT_PARAMS = frozenset(
     {
@@ -103,14 +105,19 @@ def _every_frame(body: bytes, decoder: Callable[[], Any]) -> bytes:
 
 
 class Engine:
-    """One chDB connection shared by all request threads, one statement at a time."""
+    """One chDB connection shared by all request threads, one statement at a time.
 
-    def __init__(self, folder: Path) -> None:
+    `engine_nice` > 0 lowers chDB's threads after every statement (engine_threads.py): the log
+    owner of a multi-worker gateway shares the cores with its workers. The test double keeps 0.
+    """
+
+    def __init__(self, folder: Path, engine_nice: int = 0) -> None:
         import chdb
 
         folder.mkdir(parents=True, exist_ok=True)
         self._conn = chdb.connect(str(folder))
         self._lock = threading.Lock()
+        self._engine_threads = EngineThreads(engine_nice)
 
     def run(self, sql: bytes, params: dict[str, str], settings: dict[str, str], database: str | None) -> bytes:
         """Execute one statement with per-request settings and database, restoring both afterwards."""
@@ -127,6 +134,7 @@ class Engine:
                     self._conn.query(f"SET {name} = DEFAULT")
                 if database:
                     self._conn.query("USE default")
+                self._engine_threads.lower()
 
     def close(self) -> None:
         """Release the folder, so another process (or engine) may open it."""
@@ -240,8 +248,17 @@ def _handler(engine: Engine, password: str | None) -> type[BaseHTTPRequestHandle
 class EmbeddedServer:
     """A chDB folder served over ClickHouse's HTTP protocol from a thread of this process."""
 
-    def __init__(self, folder: Path, *, host: str = "127.0.0.1", port: int = 0, password: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        password: str | None = None,
+        engine_nice: int = 0,
+    ) -> None:
         self.folder = folder
+        self.engine_nice = engine_nice
         self.host = host
         self.port = port
         # Request bodies live in the log: anyone on the host could read them without it.
@@ -258,7 +275,7 @@ class EmbeddedServer:
 
     def start(self) -> None:
         """Open the folder and listen; raises if another process holds the folder or the port is taken."""
-        self._engine = Engine(self.folder)
+        self._engine = Engine(self.folder, self.engine_nice)
         try:
             self._http = ThreadingHTTPServer((self.host, self.port), _handler(self._engine, self.password))
         except BaseException:

@@ -26,6 +26,7 @@ from clickhouse_connect.driver import options as client_options
 from clickhouse_connect.driver.client import Client
 
 from ..settings import LogSettings
+from .engine_threads import EngineThreads
 from .record import COLUMNS
 
 T = TypeVar("T")
@@ -42,7 +43,15 @@ INSERT_SETTINGS: dict[str, Any] = {"optimize_on_insert": 0}
 class LogStore:
     """The request table in one ClickHouse (server or embedded); every method is safe to await on the loop."""
 
-    def __init__(self, connect: Callable[[], Client], *, database: str, table: str, name: str) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Client],
+        *,
+        database: str,
+        table: str,
+        name: str,
+        engine_threads: EngineThreads | None = None,
+    ) -> None:
         for what, value in (("database", database), ("table", table)):
             if not IDENTIFIER.match(value):
                 raise ValueError(f"logs.{what} must be a plain identifier, got {value!r}")
@@ -51,6 +60,8 @@ class LogStore:
         # For messages: the URL without credentials, or the chdb folder.
         self.name = name
         self._connect = connect
+        # Embedded only: the engine's threads in this process, lowered after every write.
+        self._engine_threads = engine_threads
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="edgeproxy-logs-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="edgeproxy-logs-read")
         # Each client is created and used on its own executor's thread only.
@@ -124,6 +135,8 @@ class LogStore:
             )
         finally:
             batch.clear()
+            if self._engine_threads is not None:
+                self._engine_threads.lower()
 
     def _command(self, sql: str, parameters: Mapping[str, Any] | None) -> None:
         self._writer_client().command(sql, parameters=dict(parameters) if parameters else None)
@@ -178,7 +191,11 @@ def open_log_store(settings: LogSettings, data_dir: Path) -> LogStore:
             return clickhouse_connect.get_client(dsn=f"chdb://{folder}")
 
         return LogStore(
-            connect_embedded, database=settings.database, table=settings.table, name=f"chdb://{folder}"
+            connect_embedded,
+            database=settings.database,
+            table=settings.table,
+            name=f"chdb://{folder}",
+            engine_threads=EngineThreads(settings.engine_nice),
         )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
