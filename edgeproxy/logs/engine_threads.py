@@ -3,14 +3,15 @@
 chDB runs ClickHouse inside the gateway's process, on threads of its own: the insert pipeline,
 merges, housekeeping (tens of threads). At the default priority each of them preempts the event
 loop whenever it wakes on the loop's core: at c64 the loop was preempted about twice as often
-with the embedded log on as with it off, and lowering these threads brought that back to the
-log-off rate and most of the throughput with it (bench/README.md, "The embedded engine's threads").
+with the embedded log on as with it off; with these threads lowered, as often as with it off
+(bench/README.md, "The embedded engine's threads").
 
 Linux lets a process raise the nice value of its own threads without privilege (lowering it
 again needs CAP_SYS_NICE), so a thread stays where it was put. Left alone: the threads Python
 started (the event loop, the executors, the log writer, whose GIL the loop waits on) and libuv's
-workers (uvloop's DNS lookups), whose work is the gateway's own. chDB starts threads as it needs
-them, so `lower()` runs after every write and looks at the threads it has not seen yet.
+workers (uvloop's DNS lookups), whose work is the gateway's own. Every other thread is lowered:
+chDB's, and those of the libraries it loads (numpy's). chDB starts threads as it needs them, so
+`lower()` runs after every write and looks at the threads it has not seen yet.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 log = logging.getLogger("edgeproxy.logs")
 
 TASKS = "/proc/self/task"
-# libuv names the threads of its pool (uvloop's getaddrinfo and file calls) so.
+# The name libuv gives the threads of its pool (uvloop's getaddrinfo and file calls).
 LIBUV_WORKER = "libuv-worker"
 
 
@@ -52,7 +53,7 @@ class EngineThreads:
                         continue
                 os.setpriority(os.PRIO_PROCESS, tid, self.nice)
                 lowered += 1
-            except ProcessLookupError:
+            except (FileNotFoundError, ProcessLookupError):
                 continue  # the thread ended meanwhile
             except OSError as exc:
                 if not self._warned:
