@@ -42,6 +42,7 @@ from .loadgen import SCENARIOS, Scenario, format_table, scenario
 from .measure import Measurement, find_wrk, measure, wait_until_idle
 from .profiling import PROFILE_CONTENDER, PROFILE_SCENARIOS, profile
 from .report import (
+    CONTROL,
     FLOOR,
     GATEWAY,
     LATENCY_MEASURES,
@@ -77,6 +78,8 @@ DEFAULT_ROUNDS = 7
 # how much of the gateway's figure any proxy on aiohttp pays before a feature of its own.
 LATENCY_FLOOR = ContenderSpec(FLOOR, "floor")
 LATENCY_CONTENDERS = (GATEWAY, FLOOR, "nginx")
+# The rounds' control (report.CONTROL): the log-off gateway once more, beside the logging ones.
+ROUNDS_CONTROL = ContenderSpec(CONTROL, "edgeproxy")
 # Requests per latency pass in a round: ~1.5 s of c1 and ~2.5 s of stream-c1 on a slow 2-core VM.
 LATENCY_ROUND_REQUESTS = 1000
 # `make bench` must finish within 10 minutes. On a slow machine (9 min 35 s on a 2-core EPYC, LiteLLM
@@ -255,7 +258,9 @@ def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
         latency = []
     beside_direct = ("direct", *LATENCY_CONTENDERS)
     names = {*(PAIRED_CONTENDERS if throughput else ()), *(beside_direct if latency else ())}
-    specs = [c for c in (*plan.contenders, LATENCY_FLOOR) if c.name in names and c.name not in skipped]
+    if not plan.has(GATEWAY):
+        names.discard(CONTROL)
+    specs = [c for c in (*plan.contenders, LATENCY_FLOOR, ROUNDS_CONTROL) if c.name in names and c.name not in skipped]
     c64 = dataclasses.replace(scenario("c64"), seconds=PAIRED_SECONDS, requests=10_000_000)
     started: list[Running] = []
     try:

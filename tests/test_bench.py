@@ -301,6 +301,28 @@ def test_interleaved_rounds_decide_the_throughput_ratios() -> None:
     assert "| 3 | 3100 | 1100 | 1050 | 0.35 | 0.95 | 2.0–2.0 |" in text
 
 
+def test_the_control_gateway_shows_what_noise_alone_reads_beside_the_logging_ratios() -> None:
+    rounds = (
+        {"nginx": 3000.0, "edgeproxy-1w": 900.0, "edgeproxy-1w-control": 990.0, "edgeproxy-1w-clickhouse": 850.0},
+        {"nginx": 2800.0, "edgeproxy-1w": 1000.0, "edgeproxy-1w-control": 800.0, "edgeproxy-1w-clickhouse": 930.0},
+        {"nginx": 3100.0, "edgeproxy-1w": 1100.0, "edgeproxy-1w-control": 1045.0, "edgeproxy-1w-clickhouse": 1050.0},
+    )
+    report = dataclasses.replace(_report([]), rounds=rounds)
+    verdicts = {check.target: check for check in check_targets(report)}
+    logging = verdicts["throughput (c64) with logging on (clickhouse) within 10% of off"]
+    # The verdict still reads the logging ratio alone (0.944×); the control (1.10, 0.80, 0.95) stands beside it.
+    assert logging.ok is True
+    assert logging.measured == ("0.944× (median of 3 interleaved rounds, 0.93–0.95); the control, an identical "
+                                "log-off gateway, 0.950× (median of 3 interleaved rounds, 0.80–1.10)")
+    text = render_markdown(report)
+    header = next(line for line in text.splitlines() if line.startswith("| round |"))
+    assert header == ("| round | nginx req/s | edgeproxy-1w req/s | edgeproxy-1w-control req/s | "
+                      "edgeproxy-1w-clickhouse req/s | edgeproxy-1w ÷ nginx | edgeproxy-1w-control ÷ edgeproxy-1w | "
+                      "edgeproxy-1w-clickhouse ÷ edgeproxy-1w |")
+    assert "| 2 | 2800 | 1000 | 800 | 930 | 0.36 | 0.80 | 0.93 |" in text
+    assert "edgeproxy-1w-control is a second edgeproxy-1w, log off like it" in text
+
+
 def test_latency_targets_read_the_median_of_the_interleaved_rounds() -> None:
     single_pass = [
         _measured("direct", "c1", 2000, 0.5, 1.0),
