@@ -81,7 +81,7 @@ class Measurement:
     mock_cpu_s: float | None
     client_cpu_s: float
     # The event-loop thread's share of server_cpu_s, for a 1-worker edgeproxy (None otherwise): its
-    # writer and engine threads run beside it, and the loop's figure moves far less than req/s.
+    # writer and engine threads run beside it, and the loop's figure moves less than req/s.
     loop_cpu_s: float | None = None
     # The share of the machine's CPU time the hypervisor gave to other guests meanwhile (/proc/stat):
     # on a shared VM, the noise no figure here can correct for.

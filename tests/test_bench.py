@@ -414,9 +414,9 @@ def test_rounds_run_by_default_only_in_a_full_run_with_c64() -> None:
     [
         (0, 1000.0, 570.0, True),  # over the budget already: still the minimum of rounds
         (MIN_ROUNDS - 1, 1000.0, 570.0, True),
-        (MIN_ROUNDS, 400.0, 570.0, True),  # 400 + 30 for the round + 2 × (20 + 15) for the soaks = 500
-        (MIN_ROUNDS, 480.0, 570.0, False),  # 480 + 30 + 70 = 580: the soaks would overrun
-        (MIN_ROUNDS, 480.0, None, True),  # no budget: the count alone
+        (MIN_ROUNDS, 480.0, 570.0, True),  # 480 + 30 for the round + 2 × (20 + 8) for the soaks = 566
+        (MIN_ROUNDS, 490.0, 570.0, False),  # 490 + 30 + 56 = 576: the soaks would overrun
+        (MIN_ROUNDS, 490.0, None, True),  # no budget: the count alone
         (DEFAULT_ROUNDS, 0.0, 570.0, False),  # the count is reached
     ],
 )
