@@ -336,7 +336,8 @@ def _loop_cpu_lines(rounds_loop_us: Sequence[dict[str, float]]) -> list[str]:
     return ["", ("Event-loop thread CPU per request in the same rounds (median): " + ", ".join(parts) + ". "
                  "It leaves out the log writer's thread, the embedded engine's threads and the ClickHouse "
                  "double's process. It moves less from round to round than req/s, but it moves too: the "
-                 "machine's speed changes the CPU a request takes (compare the control with edgeproxy-1w).")]
+                 "machine's speed changes the CPU a request takes"
+                 + (f" (compare {CONTROL} with {GATEWAY})." if CONTROL in medians else "."))]
 
 
 def _ratio(value: float, base: float) -> str:
