@@ -48,6 +48,7 @@ from .report import (
     LATENCY_MEASURES,
     PAIRED_CONTENDERS,
     PAIRED_SECONDS,
+    PAIRED_WARMUP_SECONDS,
     SOAK_CONTENDERS,
     AddedLatency,
     LogCount,
@@ -262,7 +263,8 @@ def interleaved_rounds(plan: Plan, backdrop: Backdrop, skipped: dict[str, str],
     if not plan.has(GATEWAY):
         names.discard(CONTROL)
     specs = [c for c in (*plan.contenders, LATENCY_FLOOR, ROUNDS_CONTROL) if c.name in names and c.name not in skipped]
-    c64 = dataclasses.replace(scenario("c64"), seconds=PAIRED_SECONDS, requests=10_000_000)
+    c64 = dataclasses.replace(scenario("c64"), seconds=PAIRED_SECONDS, requests=10_000_000,
+                              warmup=10_000_000, warmup_seconds=PAIRED_WARMUP_SECONDS)
     started: list[Running] = []
     try:
         for spec in specs:

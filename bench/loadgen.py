@@ -47,6 +47,9 @@ class Scenario:
     model: str = "mock-model"
     # Requests sent before the clock starts: they open the pooled connections and warm caches.
     warmup: int = 0
+    # The warm-up's time limit; None: WARMUP_SHARE of `seconds`. A window that must start in a steady
+    # state (a logging gateway's flushes under way) gives it a count it will not reach and a time.
+    warmup_seconds: float | None = None
     description: str = ""
 
     def model_name(self) -> str:
@@ -250,7 +253,8 @@ async def _warm_up(
 ) -> int:
     """Send the untimed requests; stops at its count or its share of the time limit. Returns how many."""
     remaining = scenario.warmup
-    deadline = time.perf_counter() + scenario.seconds * WARMUP_SHARE
+    limit = scenario.seconds * WARMUP_SHARE if scenario.warmup_seconds is None else scenario.warmup_seconds
+    deadline = time.perf_counter() + limit
     sent = 0
 
     async def worker() -> None:
@@ -343,10 +347,11 @@ def _loop_factory() -> Any:
 
 def command(url: str, chosen: Scenario) -> list[str]:
     """The command line that runs `chosen` against `url` in a process of its own and prints the result as JSON."""
+    warmup_seconds = [] if chosen.warmup_seconds is None else ["--warmup-seconds", str(chosen.warmup_seconds)]
     return [
         sys.executable, "-m", "bench.loadgen", "--url", url, "--scenario", chosen.name,
         "--requests", str(chosen.requests), "--seconds", str(chosen.seconds),
-        "--concurrency", str(chosen.concurrency), "--warmup", str(chosen.warmup), "--json",
+        "--concurrency", str(chosen.concurrency), "--warmup", str(chosen.warmup), *warmup_seconds, "--json",
     ]
 
 
@@ -358,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="stop after this many seconds")
     parser.add_argument("--concurrency", type=int, help="requests in flight at once")
     parser.add_argument("--warmup", type=int, help="untimed requests first")
+    parser.add_argument("--warmup-seconds", type=float,
+                        help=f"the warm-up's time limit (default {WARMUP_SHARE:.0%} of --seconds)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = parser.parse_args(argv)
     try:
@@ -371,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("seconds", args.seconds),
             ("concurrency", args.concurrency),
             ("warmup", args.warmup),
+            ("warmup_seconds", args.warmup_seconds),
         )
         if value is not None
     }

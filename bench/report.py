@@ -38,8 +38,11 @@ SOAK_MEMORY = {
 PAIRED_CONTENDERS = ("nginx", GATEWAY, CONTROL, *LOGGING_ON)
 # Interleaved rounds: per round, a figure for each contender measured in it.
 Rounds = tuple[dict[str, float], ...]
-# Long enough that the last log batch of a window, which lands after it, is a small share of it.
-PAIRED_SECONDS = 5.0
+# Each window follows PAIRED_WARMUP_SECONDS of the same load, untimed, so that a logging gateway's
+# flushes are in a steady state when it starts: the batch of its last second, written after it, is
+# matched by the warm-up's, written inside it. A window that started idle left that work uncounted.
+PAIRED_SECONDS = 4.0
+PAIRED_WARMUP_SECONDS = 1.0
 # The latency scenarios the targets judge, and the figure of each: the whole answer without
 # streaming, the first byte when streamed.
 LATENCY_MEASURES = {"c1": "latency", "stream-c1": "ttfb"}
@@ -306,7 +309,8 @@ def _rounds_table(rounds: Sequence[dict[str, float]], steal: Sequence[dict[str, 
     head = ["round", *(f"{name} req/s" for name in names), *(f"{a} ÷ {b}" for a, b in pairs)]
     if steal:
         head.append("steal % of the windows")
-    out = [(f"{len(rounds)} rounds of c64 for {PAIRED_SECONDS:g} s per contender, all started at once and "
+    out = [(f"{len(rounds)} rounds of c64 for {PAIRED_SECONDS:g} s per contender (after {PAIRED_WARMUP_SECONDS:g} s "
+            "of the same load, untimed), all started at once and "
             "measured one after another, a different one first each round. Targets on throughput ratios "
             "read the median of the per-round ratios below."
             + (f" {CONTROL} is a second {GATEWAY}, log off like it: its ratio is the noise alone."

@@ -92,6 +92,19 @@ async def test_run_stops_at_its_time_limit(mock: MockUpstream) -> None:
     assert 2 <= result.completed < 40
 
 
+async def test_warm_up_can_run_for_a_time_of_its_own(mock: MockUpstream) -> None:
+    # The interleaved c64 windows start after a second of load, whatever their length: a count the
+    # warm-up cannot reach, and its own time limit instead of a share of the window's.
+    scenario = Scenario("w", concurrency=2, requests=5, seconds=0.2, warmup=10**9, warmup_seconds=0.6)
+    started = time.monotonic()
+    result = await run_load(mock.url, scenario)
+    assert time.monotonic() - started >= 0.6
+    assert result.completed == 5 and result.warmup > 5
+    assert mock.stats()["requests"] == result.warmup + 5
+    shared = await run_load(mock.url, dataclasses.replace(scenario, warmup_seconds=None))
+    assert shared.warmup < result.warmup  # 15% of 0.2 s
+
+
 async def test_failed_requests_are_errors_not_throughput(mock: MockUpstream) -> None:
     result = await run_load(mock.url, Scenario("e", concurrency=2, requests=10, seconds=30, model="mock-error-500"))
     assert (result.completed, result.errors, result.rps) == (0, 10, 0.0)
@@ -101,12 +114,12 @@ async def test_failed_requests_are_errors_not_throughput(mock: MockUpstream) -> 
 async def test_loadgen_command_prints_json(mock: MockUpstream) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.loadgen", "--url", mock.url, "--scenario", "stream-c1", "--requests", "3",
-        "--seconds", "20", "--warmup", "0", "--json", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        "--seconds", "20", "--warmup", "2", "--warmup-seconds", "5", "--json", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0
     result = LoadResult.from_json(orjson.loads(out))
-    assert (result.scenario, result.completed, result.events_per_stream) == ("stream-c1", 3, 53)
+    assert (result.scenario, result.completed, result.events_per_stream, result.warmup) == ("stream-c1", 3, 53, 2)
 
 
 def test_scenario_steers_the_mock_through_the_model_name() -> None:
