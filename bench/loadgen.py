@@ -251,7 +251,8 @@ async def run_load(base_url: str, scenario: Scenario, *, request_timeout: float 
 async def _warm_up(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], scenario: Scenario
 ) -> int:
-    """Send the untimed requests; stops at its count or its share of the time limit. Returns how many."""
+    """Send the untimed requests; stops at its count or its time limit (`warmup_seconds`, else a share of
+    the run's). Returns how many."""
     remaining = scenario.warmup
     limit = scenario.seconds * WARMUP_SHARE if scenario.warmup_seconds is None else scenario.warmup_seconds
     deadline = time.perf_counter() + limit
