@@ -35,24 +35,22 @@ class EngineThreads:
         self._seen: set[int] = set()
         self._warned = False
 
-    def lower(self) -> int:
-        """Lower the engine threads started since the last call; how many were lowered. Never raises."""
+    def lower(self) -> None:
+        """Lower the engine threads started since the last call. Never raises."""
         if self.nice <= 0:
-            return 0
+            return
         try:
             current = {int(name) for name in os.listdir(TASKS)}
         except OSError:
-            return 0  # no /proc: not Linux
+            return  # no /proc: not Linux
         python = {thread.native_id for thread in threading.enumerate()}
         fresh = current - self._seen - python
-        lowered = 0
         for tid in fresh:
             try:
                 with open(f"{TASKS}/{tid}/comm") as comm:
                     if comm.read().strip() == LIBUV_WORKER:
                         continue
                 os.setpriority(os.PRIO_PROCESS, tid, self.nice)
-                lowered += 1
             except (FileNotFoundError, ProcessLookupError):
                 continue  # the thread ended meanwhile
             except OSError as exc:
@@ -61,4 +59,3 @@ class EngineThreads:
                     log.warning("could not lower the embedded log store's thread priority: %s", exc)
         # Ended threads are forgotten: the kernel reuses their ids.
         self._seen = (self._seen | fresh) & current
-        return lowered
