@@ -365,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, help="requests in flight at once")
     parser.add_argument("--warmup", type=int, help="untimed requests first")
     parser.add_argument("--warmup-seconds", type=float,
-                        help=f"the warm-up's time limit (default {WARMUP_SHARE:.0%} of --seconds)")
+                        # argparse %-formats help text: the percent sign is doubled.
+                        help=f"the warm-up's time limit (default {WARMUP_SHARE:.0%}% of --seconds)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = parser.parse_args(argv)
     try:
