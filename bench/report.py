@@ -235,8 +235,10 @@ def render_markdown(report: RunReport) -> str:
                    f"{soak.result.rps:.0f} req/s, {soak.result.errors} errors; RSS {soak.rss.describe()}"
                    + ("." if soak.steal is None else f"; steal {soak.steal:.1%}."))
                   for soak in report.soaks]
-        lines += ["", ("Start is the median of the first samples after the first fifth of the run (warm-up), "
-                       "end the median of the last three; `--soak 300` runs the 5-minute check.")]
+        lines += ["", ("Start and end are the medians of the first and the last quarter of the samples taken after "
+                       "the first fifth of the run (warm-up); the peak is every sample's highest, with how long the "
+                       "run stayed more than 10% above its start (the embedded engine's merges hold buffers for a "
+                       "few seconds: bench/README.md). `--soak 300` runs the 5-minute check.")]
     if report.skipped:
         lines += ["", "## Skipped", ""]
         lines += [f"- **{name}**: {reason}" for name, reason in report.skipped.items()]

@@ -446,11 +446,20 @@ def test_default_rounds_stop_early_when_the_rest_would_overrun_the_budget(
         ([100] * 10, 0.0),
         ([50, 80] + [100] * 8, 0.0),  # growth during warm-up is not drift
         ([100, 100, 100, 100, 105, 110, 115, 120, 120, 120], 0.2),
+        ([100] * 18 + [150] * 3 + [120] * 19, 0.2),  # a level that stays higher is drift
+        ([100] * 37 + [150] * 3, 0.0),  # a transient at the end, as an embedded merge's buffers, is not
     ],
 )
-def test_memory_drift_ignores_warm_up(sizes: list[int], drift: float) -> None:
+def test_memory_drift_ignores_warm_up_and_transients(sizes: list[int], drift: float) -> None:
     trace = Trace(tuple((float(t), size * 2**20) for t, size in enumerate(sizes)))
     assert trace.drift == pytest.approx(drift)
+
+
+def test_memory_report_shows_a_transient_beside_the_drift() -> None:
+    trace = Trace(tuple((t * 0.5, size * 2**20) for t, size in enumerate([100] * 37 + [150] * 3)))
+    assert trace.seconds_beyond(0.10) == pytest.approx(1.5)
+    assert trace.seconds_beyond(0.60) == 0.0
+    assert "100.0 MB → 100.0 MB (+0.0%), peak 150.0 MB (+50.0%; 1.5 s above +10%)" in trace.describe()
 
 
 def test_profile_summary_attributes_samples_to_areas() -> None:
