@@ -71,13 +71,11 @@ class Trace:
 
     def seconds_beyond(self, share: float) -> float:
         """How long the settled run stayed more than `share` above its start (0.10: 10 %), sample by sample."""
-        limit = self.start_mb * (1.0 + share) * 2**20
-        settled = self._settled()
-        beyond = sum(1 for size in settled if size > limit)
-        if len(self.samples) < 2 or not beyond:
+        if len(self.samples) < 2:
             return 0.0
-        step = self.samples[-1][0] / (len(self.samples) - 1)
-        return beyond * step
+        limit = self.start_mb * (1.0 + share) * 2**20
+        beyond = sum(1 for size in self._settled() if size > limit)
+        return beyond * self.samples[-1][0] / (len(self.samples) - 1)
 
     def describe(self) -> str:
         peak_over = self.peak_mb / self.start_mb - 1.0 if self.start_mb else 0.0
