@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import orjson
 
@@ -29,6 +30,8 @@ from .contenders import (
 from .loadgen import LoadResult, Scenario
 
 SAMPLE_SECONDS = 0.5
+# The memory target: RSS flat within ±10 % at full load.
+RSS_FLAT_SHARE = 0.10
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,9 @@ class Trace:
 
     samples: tuple[tuple[float, int], ...]
 
+    @cached_property
     def _settled(self) -> list[int]:
+        # Read by every figure below, several times per report: computed once (the trace never changes).
         # The first fifth is warm-up (pools, caches and allocator arenas filling), not growth.
         if not self.samples:
             return []
@@ -48,16 +53,16 @@ class Trace:
         # Start and end are medians over a quarter of the settled run each, not over a moment: the
         # embedded engine's merges hold ~40 MB of buffers for a few seconds every ~20 s under c64
         # (bench/README.md), and a 20 s soak's last samples fell on the first of them every time.
-        return max(1, len(self._settled()) // 4)
+        return max(1, len(self._settled) // 4)
 
     @property
     def start_mb(self) -> float:
-        settled = self._settled()
+        settled = self._settled
         return statistics.median(settled[: self._quarter()]) / 2**20 if settled else 0.0
 
     @property
     def end_mb(self) -> float:
-        settled = self._settled()
+        settled = self._settled
         return statistics.median(settled[-self._quarter():]) / 2**20 if settled else 0.0
 
     @property
@@ -74,13 +79,13 @@ class Trace:
         if len(self.samples) < 2:
             return 0.0
         limit = self.start_mb * (1.0 + share) * 2**20
-        beyond = sum(1 for size in self._settled() if size > limit)
+        beyond = sum(1 for size in self._settled if size > limit)
         return beyond * self.samples[-1][0] / (len(self.samples) - 1)
 
     def describe(self) -> str:
         peak_over = self.peak_mb / self.start_mb - 1.0 if self.start_mb else 0.0
         return (f"{self.start_mb:.1f} MB → {self.end_mb:.1f} MB ({self.drift:+.1%}), peak {self.peak_mb:.1f} MB "
-                f"({peak_over:+.1%}; {self.seconds_beyond(0.10):.1f} s above +10%), {len(self.samples)} samples")
+                f"({peak_over:+.1%}; {self.seconds_beyond(RSS_FLAT_SHARE):.1f} s above +{RSS_FLAT_SHARE:.0%}), {len(self.samples)} samples")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 from . import wrk
 from .contenders import ContenderSpec
 from .loadgen import SCENARIOS, LoadResult, Scenario, Stats
-from .measure import Measurement
+from .measure import RSS_FLAT_SHARE, Measurement
 
 # The gateway the targets judge, its logging variants, and the aiohttp floor beside it in the rounds.
 GATEWAY = "edgeproxy-1w"
@@ -165,7 +165,7 @@ def check_targets(report: RunReport) -> list[Check]:
         checks.append(Check("RSS flat (±10%) at full load", "not measured", None))
     for soak in report.soaks:
         checks.append(Check(f"RSS flat (±10%) over {soak.result.seconds:.0f} s at full load (c64), "
-                            f"{_soak_memory(soak)}", soak.rss.describe(), abs(soak.rss.drift) <= 0.10))
+                            f"{_soak_memory(soak)}", soak.rss.describe(), abs(soak.rss.drift) <= RSS_FLAT_SHARE))
     return checks
 
 
