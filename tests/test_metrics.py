@@ -13,10 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgeproxy.metric_labels import OTHER
+from edgeproxy.metric_requests import observe_all
 from edgeproxy.metrics import (
     HELD_MAX,
     Metrics,
@@ -107,6 +108,27 @@ def test_one_request_gives_its_samples(metrics: Metrics) -> None:
     assert value(found, "edgeproxy_cost_usd_total", **priced) == pytest.approx(0.0125)
     assert value(found, "edgeproxy_unpriced_requests_total", model="gpt-4o-mini") == 0.0
     assert value(found, "edgeproxy_cache_hits_total") == 0.0
+
+
+def test_observe_all_matches_observe_value_by_value() -> None:
+    # On a bound, between bounds, past the last finite one, zero, negative, repeated: every bucket and
+    # the count as `observe` leaves them (it reaches into prometheus-client's value objects).
+    timings = [0.0, -0.5, 0.001, 0.0011, 0.001, 0.25, 0.2500001, 7.0, 1e9, 0.0004, 0.0004, 0.0004]
+    bounds = (0.001, 0.01, 0.25, 5.0)
+    one_by_one, at_once = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("t_seconds", "t", ["route"], buckets=bounds, registry=one_by_one).labels("a")
+    bulk = Histogram("t_seconds", "t", ["route"], buckets=bounds, registry=at_once).labels("a")
+    for seconds in timings:
+        reference.observe(seconds)
+    observe_all(bulk, timings[:5])
+    observe_all(bulk, timings[5:])
+
+    expected, found = samples(generate_latest(one_by_one)), samples(generate_latest(at_once))
+    assert {k: v for k, v in found.items() if k[0] != "t_seconds_created"} == pytest.approx(
+        {k: v for k, v in expected.items() if k[0] != "t_seconds_created"}
+    )
+    assert value(found, "t_seconds_bucket", route="a", le="0.001") == 7.0
+    assert value(found, "t_seconds_bucket", route="a", le="+Inf") == len(timings)
 
 
 def test_repeated_requests_accumulate(metrics: Metrics) -> None:
